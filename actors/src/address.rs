@@ -11,7 +11,11 @@ pub fn slot_of(actor_type: &str, id: &str) -> Slot {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut h = OFFSET;
-    for b in actor_type.bytes().chain(std::iter::once(b'/')).chain(id.bytes()) {
+    for b in actor_type
+        .bytes()
+        .chain(std::iter::once(b'/'))
+        .chain(id.bytes())
+    {
         h ^= u64::from(b);
         h = h.wrapping_mul(PRIME);
     }

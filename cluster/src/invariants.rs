@@ -44,9 +44,9 @@ pub enum Violation {
     #[error("I4: hosting {hosted:?} but the map gives {owned:?}")]
     HostedMismatch {
         /// What the node hosts.
-        hosted: SlotSet,
+        hosted: Box<SlotSet>,
         /// What the map gives it.
-        owned: SlotSet,
+        owned: Box<SlotSet>,
     },
     /// I5: a leader that is not Active.
     #[error("I5: leader is {0:?}, not Active")]
@@ -60,7 +60,9 @@ pub enum Violation {
         highest: u64,
     },
     /// The term rule: an adopted map of a lower term written after a higher term began.
-    #[error("term rule: adopted map of term {map_term} at revision {revision}, after term {highest} began")]
+    #[error(
+        "term rule: adopted map of term {map_term} at revision {revision}, after term {highest} began"
+    )]
     StaleMapAdopted {
         /// The map's term.
         map_term: u64,
@@ -84,19 +86,31 @@ pub enum Violation {
 /// Checks every invariant of one node's state; returns the first one broken.
 pub fn check(s: &State) -> Result<(), Violation> {
     if let Some(l) = s.leadership {
-        let mine = LeaseEntry { holder: s.me.clone(), term: l.term };
+        let mine = LeaseEntry {
+            holder: s.me.clone(),
+            term: l.term,
+        };
         if s.lease.as_ref() != Some(&mine) {
-            return Err(Violation::LeaderLeaseMismatch { term: l.term.0, seen: s.lease.clone() });
+            return Err(Violation::LeaderLeaseMismatch {
+                term: l.term.0,
+                seen: s.lease.clone(),
+            });
         }
         if s.status != NodeStatus::Active {
             return Err(Violation::LeaderNotActive(s.status));
         }
         if l.term != s.highest_term {
-            return Err(Violation::LeaderBehind { term: l.term.0, highest: s.highest_term.0 });
+            return Err(Violation::LeaderBehind {
+                term: l.term.0,
+                highest: s.highest_term.0,
+            });
         }
     }
     if s.map.epoch().0 > 0 && s.map.unowned() > 0 {
-        return Err(Violation::UnownedSlots { epoch: s.map.epoch().0, unowned: s.map.unowned() });
+        return Err(Violation::UnownedSlots {
+            epoch: s.map.epoch().0,
+            unowned: s.map.unowned(),
+        });
     }
     if s.map.term() < s.highest_term && s.map_revision.0 > s.highest_term.0 {
         return Err(Violation::StaleMapAdopted {
@@ -106,21 +120,40 @@ pub fn check(s: &State) -> Result<(), Violation> {
         });
     }
     if let Some(w) = &s.map_op
-        && let Some(node) = w.proposal.owners().iter().flatten().find(|o| !w.active.contains(o))
+        && let Some(node) = w
+            .proposal
+            .owners()
+            .iter()
+            .flatten()
+            .find(|o| !w.active.contains(o))
     {
-        return Err(Violation::PlacedOnInactive { epoch: w.proposal.epoch().0, node: node.to_string() });
+        return Err(Violation::PlacedOnInactive {
+            epoch: w.proposal.epoch().0,
+            node: node.to_string(),
+        });
     }
     if !s.exited {
         let owned = s.owned();
         if owned != s.hosted {
-            return Err(Violation::HostedMismatch { hosted: s.hosted, owned });
+            return Err(Violation::HostedMismatch {
+                hosted: Box::new(s.hosted),
+                owned: Box::new(owned),
+            });
         }
     }
     if s.members.len() > s.config.max_members {
-        return Err(Violation::OverLimit { what: "members", len: s.members.len(), max: s.config.max_members });
+        return Err(Violation::OverLimit {
+            what: "members",
+            len: s.members.len(),
+            max: s.config.max_members,
+        });
     }
     if s.heartbeats.len() > HEARTBEATS_IN_FLIGHT {
-        return Err(Violation::OverLimit { what: "heartbeats", len: s.heartbeats.len(), max: HEARTBEATS_IN_FLIGHT });
+        return Err(Violation::OverLimit {
+            what: "heartbeats",
+            len: s.heartbeats.len(),
+            max: HEARTBEATS_IN_FLIGHT,
+        });
     }
     Ok(())
 }

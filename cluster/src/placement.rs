@@ -39,7 +39,10 @@ pub enum PlaceError {
 }
 
 /// Places every slot on an Active node (or leaves all unowned when there is none).
-pub fn place(current: &ShardMap, nodes: &[PlacementNode]) -> Result<Vec<Option<NodeId>>, PlaceError> {
+pub fn place(
+    current: &ShardMap,
+    nodes: &[PlacementNode],
+) -> Result<Vec<Option<NodeId>>, PlaceError> {
     place_among(current, nodes, |s| s == NodeStatus::Active)
 }
 
@@ -78,7 +81,7 @@ pub(crate) fn place_among(
     let mut owners: Vec<Option<NodeId>> = vec![None; SLOT_COUNT];
     let mut free = Vec::new();
     for (slot, owner) in current.owners().iter().enumerate() {
-        match owner.as_ref().and_then(|o| index_of(o)) {
+        match owner.as_ref().and_then(&index_of) {
             Some(i) if kept[i] < target[i] => {
                 kept[i] += 1;
                 owners[slot] = Some(cands[i].id.clone());
@@ -134,7 +137,11 @@ mod tests {
     use crate::types::{Epoch, Term};
 
     fn node(id: &str) -> PlacementNode {
-        PlacementNode { id: NodeId::new(id).unwrap(), status: NodeStatus::Active, weight: Weight::ONE }
+        PlacementNode {
+            id: NodeId::new(id).unwrap(),
+            status: NodeStatus::Active,
+            weight: Weight::ONE,
+        }
     }
 
     fn map(owners: Vec<Option<NodeId>>) -> ShardMap {
@@ -166,7 +173,10 @@ mod tests {
         let mut after_nodes = nodes.to_vec();
         after_nodes[1].status = NodeStatus::Failed;
         let after = map(place(&before, &after_nodes).unwrap());
-        assert_eq!(before.moved_to(&after), before.slots_of(&nodes[1].id).count());
+        assert_eq!(
+            before.moved_to(&after),
+            before.slots_of(&nodes[1].id).count()
+        );
         assert_eq!(after.slots_of(&nodes[1].id).count(), 0);
     }
 
@@ -183,7 +193,12 @@ mod tests {
     fn no_active_node_means_no_owner() {
         let mut n = node("a");
         n.status = NodeStatus::Joining;
-        assert!(place(&ShardMap::empty(), &[n]).unwrap().iter().all(Option::is_none));
+        assert!(
+            place(&ShardMap::empty(), &[n])
+                .unwrap()
+                .iter()
+                .all(Option::is_none)
+        );
     }
 
     #[test]

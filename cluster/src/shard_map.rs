@@ -26,7 +26,11 @@ pub struct ShardMap {
 impl ShardMap {
     /// The map before any leader has written one: epoch 0, term 0, no owners.
     pub fn empty() -> Self {
-        ShardMap { epoch: Epoch(0), term: Term(0), owners: vec![None; SLOT_COUNT].into() }
+        ShardMap {
+            epoch: Epoch(0),
+            term: Term(0),
+            owners: vec![None; SLOT_COUNT].into(),
+        }
     }
 
     /// Builds a map from exactly [`SLOT_COUNT`] owners.
@@ -34,7 +38,11 @@ impl ShardMap {
         if owners.len() != SLOT_COUNT {
             return Err(MapError::WrongLength(owners.len()));
         }
-        Ok(ShardMap { epoch, term, owners: owners.into() })
+        Ok(ShardMap {
+            epoch,
+            term,
+            owners: owners.into(),
+        })
     }
 
     /// The map's epoch.
@@ -78,7 +86,11 @@ impl ShardMap {
 
     /// How many slots have a different owner in `other`.
     pub fn moved_to(&self, other: &ShardMap) -> usize {
-        self.owners.iter().zip(other.owners.iter()).filter(|(a, b)| a != b).count()
+        self.owners
+            .iter()
+            .zip(other.owners.iter())
+            .filter(|(a, b)| a != b)
+            .count()
     }
 
     /// Whether two maps assign every slot to the same owner (epoch and term aside).

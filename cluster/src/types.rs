@@ -40,14 +40,20 @@ pub struct NodeId(Arc<str>);
 impl NodeId {
     /// Validates and builds a node id.
     pub fn new(id: &str) -> Result<Self, ValueError> {
-        let refuse = |reason| ValueError::NodeId { id: id.chars().take(80).collect(), reason };
+        let refuse = |reason| ValueError::NodeId {
+            id: id.chars().take(80).collect(),
+            reason,
+        };
         if id.is_empty() {
             return Err(refuse("empty"));
         }
         if id.len() > NODE_ID_MAX_LEN {
             return Err(refuse("longer than 64 bytes"));
         }
-        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
             return Err(refuse("only A-Z, a-z, 0-9, '-' and '_' are allowed"));
         }
         Ok(Self(Arc::from(id)))
@@ -100,7 +106,11 @@ pub struct Slot(u16);
 impl Slot {
     /// Validates and builds a slot.
     pub fn new(n: u64) -> Result<Self, ValueError> {
-        if n < SLOT_COUNT as u64 { Ok(Slot(n as u16)) } else { Err(ValueError::Slot(n)) }
+        if n < SLOT_COUNT as u64 {
+            Ok(Slot(n as u16))
+        } else {
+            Err(ValueError::Slot(n))
+        }
     }
 
     /// The slot of a hash value: `h mod SLOT_COUNT`. Never fails.
@@ -132,7 +142,11 @@ impl Weight {
 
     /// Validates and builds a weight.
     pub fn new(w: u64) -> Result<Self, ValueError> {
-        if (1..=u64::from(Self::MAX)).contains(&w) { Ok(Weight(w as u32)) } else { Err(ValueError::Weight(w)) }
+        if (1..=u64::from(Self::MAX)).contains(&w) {
+            Ok(Weight(w as u32))
+        } else {
+            Err(ValueError::Weight(w))
+        }
     }
 
     /// The weight as a number.
@@ -274,14 +288,22 @@ impl fmt::Debug for SlotSet {
             run = match run {
                 Some((a, b)) if b + 1 == s => Some((a, s)),
                 Some((a, b)) => {
-                    parts.push(if a == b { a.to_string() } else { format!("{a}-{b}") });
+                    parts.push(if a == b {
+                        a.to_string()
+                    } else {
+                        format!("{a}-{b}")
+                    });
                     Some((s, s))
                 }
                 None => Some((s, s)),
             };
         }
         if let Some((a, b)) = run {
-            parts.push(if a == b { a.to_string() } else { format!("{a}-{b}") });
+            parts.push(if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            });
         }
         write!(f, "{{{}}}", parts.join(", "))
     }
@@ -311,7 +333,10 @@ mod tests {
 
     #[test]
     fn slot_sets() {
-        let mut set: SlotSet = [0u64, 1, 2, 5, 1023].iter().map(|&n| Slot::from_hash(n)).collect();
+        let mut set: SlotSet = [0u64, 1, 2, 5, 1023]
+            .iter()
+            .map(|&n| Slot::from_hash(n))
+            .collect();
         assert_eq!(set.len(), 5);
         assert_eq!(format!("{set:?}"), "{0-2, 5, 1023}");
         assert!(set.remove(Slot::from_hash(1)));

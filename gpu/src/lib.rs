@@ -36,7 +36,10 @@ pub fn discover() -> Vec<Device> {
     let (total, free) = host_memory().unwrap_or((0, 0));
     vec![Device {
         kind: DeviceKind::Cpu,
-        name: format!("cpu ({} threads)", std::thread::available_parallelism().map_or(1, |n| n.get())),
+        name: format!(
+            "cpu ({} threads)",
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
         memory_total_bytes: total,
         memory_free_bytes: free,
     }]

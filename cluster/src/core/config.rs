@@ -18,8 +18,11 @@ pub enum PlantedBug {
 
 impl PlantedBug {
     /// Every planted bug.
-    pub const ALL: [PlantedBug; 3] =
-        [PlantedBug::StaleLeaderWrite, PlantedBug::PlaceOnFailed, PlantedBug::RenewWithoutCas];
+    pub const ALL: [PlantedBug; 3] = [
+        PlantedBug::StaleLeaderWrite,
+        PlantedBug::PlaceOnFailed,
+        PlantedBug::RenewWithoutCas,
+    ];
 
     /// The bug's name on the command line.
     pub fn name(self) -> &'static str {
@@ -110,23 +113,41 @@ impl CoreConfig {
                 Err(ConfigError::OutOfRange { name, value, rule })
             }
         };
-        range("lease_ttl_ms", self.lease_ttl_ms, 1_000, 3_600_000, "1 s to 1 h")?;
-        if self.lease_ttl_ms % 1_000 != 0 {
+        range(
+            "lease_ttl_ms",
+            self.lease_ttl_ms,
+            1_000,
+            3_600_000,
+            "1 s to 1 h",
+        )?;
+        if !self.lease_ttl_ms.is_multiple_of(1_000) {
             return Err(ConfigError::OutOfRange {
                 name: "lease_ttl_ms",
                 value: self.lease_ttl_ms,
                 rule: "NATS message TTLs are whole seconds",
             });
         }
-        range("member_ttl_ms", self.member_ttl_ms, 1_000, 3_600_000, "1 s to 1 h")?;
-        if self.member_ttl_ms % 1_000 != 0 {
+        range(
+            "member_ttl_ms",
+            self.member_ttl_ms,
+            1_000,
+            3_600_000,
+            "1 s to 1 h",
+        )?;
+        if !self.member_ttl_ms.is_multiple_of(1_000) {
             return Err(ConfigError::OutOfRange {
                 name: "member_ttl_ms",
                 value: self.member_ttl_ms,
                 rule: "NATS message TTLs are whole seconds",
             });
         }
-        range("lease_renew_interval_ms", self.lease_renew_interval_ms, 10, u64::MAX, "at least 10 ms")?;
+        range(
+            "lease_renew_interval_ms",
+            self.lease_renew_interval_ms,
+            10,
+            u64::MAX,
+            "at least 10 ms",
+        )?;
         if self.lease_renew_interval_ms * 3 > self.lease_ttl_ms {
             return Err(ConfigError::Inconsistent(format!(
                 "lease_renew_interval_ms ({}) must be at most a third of lease_ttl_ms ({})",
@@ -139,23 +160,53 @@ impl CoreConfig {
                 self.lease_margin_ms, self.lease_renew_interval_ms, self.lease_ttl_ms
             )));
         }
-        range("heartbeat_interval_ms", self.heartbeat_interval_ms, 10, u64::MAX, "at least 10 ms")?;
+        range(
+            "heartbeat_interval_ms",
+            self.heartbeat_interval_ms,
+            10,
+            u64::MAX,
+            "at least 10 ms",
+        )?;
         if self.heartbeat_interval_ms * 3 > self.member_ttl_ms {
             return Err(ConfigError::Inconsistent(format!(
                 "heartbeat_interval_ms ({}) must be at most a third of member_ttl_ms ({})",
                 self.heartbeat_interval_ms, self.member_ttl_ms
             )));
         }
-        range("request_timeout_ms", self.request_timeout_ms, 10, 60_000, "10 ms to 60 s")?;
+        range(
+            "request_timeout_ms",
+            self.request_timeout_ms,
+            10,
+            60_000,
+            "10 ms to 60 s",
+        )?;
         if self.request_timeout_ms >= self.lease_ttl_ms {
             return Err(ConfigError::Inconsistent(format!(
                 "request_timeout_ms ({}) must be under lease_ttl_ms ({})",
                 self.request_timeout_ms, self.lease_ttl_ms
             )));
         }
-        range("sync_interval_ms", self.sync_interval_ms, 10, 600_000, "10 ms to 10 min")?;
-        range("drain_timeout_ms", self.drain_timeout_ms, 0, 3_600_000, "at most 1 h")?;
-        range("max_members", self.max_members as u64, 1, 100_000, "1 to 100000")?;
+        range(
+            "sync_interval_ms",
+            self.sync_interval_ms,
+            10,
+            600_000,
+            "10 ms to 10 min",
+        )?;
+        range(
+            "drain_timeout_ms",
+            self.drain_timeout_ms,
+            0,
+            3_600_000,
+            "at most 1 h",
+        )?;
+        range(
+            "max_members",
+            self.max_members as u64,
+            1,
+            100_000,
+            "1 to 100000",
+        )?;
         if self.plant.is_some() && !cfg!(feature = "planted-bugs") {
             return Err(ConfigError::PlantsNotBuilt);
         }

@@ -60,9 +60,17 @@ impl State {
             .members
             .iter()
             .filter(|(id, _)| **id != self.me)
-            .map(|(id, m)| PlacementNode { id: id.clone(), status: m.status, weight: m.weight })
+            .map(|(id, m)| PlacementNode {
+                id: id.clone(),
+                status: m.status,
+                weight: m.weight,
+            })
             .collect();
-        nodes.push(PlacementNode { id: self.me.clone(), status: self.status, weight: self.weight });
+        nodes.push(PlacementNode {
+            id: self.me.clone(),
+            status: self.status,
+            weight: self.weight,
+        });
         nodes
     }
 
@@ -105,7 +113,11 @@ pub fn decide(state: &State, cmd: &Command) -> Result<Vec<Event>, Rejection> {
         (_, None) => return Err(Rejection::NotRunning),
         _ => {}
     }
-    let mut d = Decider { s: state.clone(), events: Vec::new(), now: cmd.now_ms };
+    let mut d = Decider {
+        s: state.clone(),
+        events: Vec::new(),
+        now: cmd.now_ms,
+    };
     // Time first: a leader past its deadline steps down before it handles anything.
     d.check_deadline();
     d.handle(&cmd.input)?;
@@ -143,31 +155,49 @@ impl Decider {
         if let Some(l) = self.s.leadership
             && self.now >= l.deadline_ms
         {
-            self.emit(Event::LeadershipLost { term: l.term, reason: LossReason::Expired });
+            self.emit(Event::LeadershipLost {
+                term: l.term,
+                reason: LossReason::Expired,
+            });
         }
     }
 
     fn lose_leadership(&mut self, reason: LossReason) {
         if let Some(l) = self.s.leadership {
-            self.emit(Event::LeadershipLost { term: l.term, reason });
+            self.emit(Event::LeadershipLost {
+                term: l.term,
+                reason,
+            });
         }
     }
 
     fn set_status(&mut self, to: NodeStatus) {
         let from = self.s.status;
         if from != to && from.can_become(to) {
-            self.emit(Event::StatusChanged { from, to, at_ms: self.now });
+            self.emit(Event::StatusChanged {
+                from,
+                to,
+                at_ms: self.now,
+            });
         }
     }
 
     fn heartbeat(&mut self) {
         let op = self.next_op();
-        self.emit(Event::HeartbeatSent { op, at_ms: self.now });
+        self.emit(Event::HeartbeatSent {
+            op,
+            at_ms: self.now,
+        });
     }
 
     fn request_lease(&mut self, kind: LeaseOpKind, expected: Revision) {
         let op = self.next_op();
-        self.emit(Event::LeaseRequested { op, kind, expected, at_ms: self.now });
+        self.emit(Event::LeaseRequested {
+            op,
+            kind,
+            expected,
+            at_ms: self.now,
+        });
     }
 
     fn handle(&mut self, input: &Input) -> Result<(), Rejection> {
@@ -179,9 +209,11 @@ impl Decider {
             Input::LeaseReply { op, outcome } => self.lease_reply(*op, *outcome)?,
             Input::MapSeen { map, revision } => self.map_seen(map.as_ref(), *revision)?,
             Input::MapReply { op, outcome } => self.map_reply(*op, *outcome)?,
-            Input::MemberSeen { node, record, revision } => {
-                self.member_seen(node, *record, *revision)?
-            }
+            Input::MemberSeen {
+                node,
+                record,
+                revision,
+            } => self.member_seen(node, *record, *revision)?,
             Input::MembersListed { entries, as_of } => self.members_listed(entries, *as_of)?,
             Input::HeartbeatReply { op, outcome } => {
                 if !self.s.heartbeats.iter().any(|(o, _)| o == op) {
@@ -202,8 +234,9 @@ impl Decider {
         if !matches!(status, NodeStatus::Joining | NodeStatus::Active) {
             return Err(Rejection::CannotDrain(status));
         }
-        self.set_status(NodeStatus::Draining);
+        // Step down first, so that no state shows a leader that is not Active.
         self.release_if_leader(LossReason::Released);
+        self.set_status(NodeStatus::Draining);
         self.heartbeat();
         Ok(())
     }
@@ -219,10 +252,32 @@ impl Decider {
         }
     }
 
-    fn lease_seen(&mut self, entry: &Option<LeaseEntry>, revision: Revision) -> Result<(), Rejection> {
+    fn lease_seen(
+        &mut self,
+        entry: &Option<LeaseEntry>,
+        revision: Revision,
+    ) -> Result<(), Rejection> {
         let known = self.s.lease_revision;
-        if revision < known || (revision == known && *entry == self.s.lease && self.s.synced.lease) {
-            return Err(Rejection::Stale { seen: revision, known });
+        if revision < known || (revision == known && *entry == self.s.lease && self.s.synced.lease)
+        {
+            return Err(Rejection::Stale {
+                seen: revision,
+                known,
+            });
+        }
+        if let Some(e) = entry {
+            if e.term.0 > revision.0 {
+                return Err(Rejection::Inconsistent(
+                    "lease term above the key's revision",
+                ));
+            }
+            // A term between the adopted map's term and its revision: the map would have been
+            // written by a deposed leader, which the atomic map write makes impossible.
+            if !self.term_fits_map(e.term) {
+                return Err(Rejection::Inconsistent(
+                    "lease term inside a lower-term map's lifetime",
+                ));
+            }
         }
         if let (Some(e), Some(l)) = (entry, self.s.leadership)
             && e.term == l.term
@@ -245,14 +300,26 @@ impl Decider {
                 _ => self.lose_leadership(LossReason::Superseded),
             }
         }
-        self.emit(Event::LeaseObserved { entry: entry.clone(), revision });
+        self.emit(Event::LeaseObserved {
+            entry: entry.clone(),
+            revision,
+        });
         if let Some(revision) = learned {
             self.emit(Event::LeaseRevisionLearned { revision });
         }
         if !self.s.synced.lease {
-            self.emit(Event::Synced { part: SyncPart::Lease });
+            self.emit(Event::Synced {
+                part: SyncPart::Lease,
+            });
         }
         Ok(())
+    }
+
+    /// Whether a newly learned term is consistent with the adopted map: a term strictly between
+    /// the map's term and its revision would mean a deposed leader wrote the map, which the
+    /// atomic map write rules out.
+    fn term_fits_map(&self, term: Term) -> bool {
+        !(term > self.s.map.term() && term.0 < self.s.map_revision.0)
     }
 
     fn lease_reply(&mut self, op: OpId, outcome: KvOutcome) -> Result<(), Rejection> {
@@ -273,9 +340,14 @@ impl Decider {
         match pending.kind {
             LeaseOpKind::Acquire => {
                 let term = Term(revision.0);
-                let fresh = term > self.s.highest_term;
+                let fresh = term > self.s.highest_term && self.term_fits_map(term);
                 if fresh && self.s.status == NodeStatus::Active && self.s.leadership.is_none() {
-                    self.emit(Event::LeaderElected { term, revision, deadline_ms, renew_at_ms });
+                    self.emit(Event::LeaderElected {
+                        term,
+                        revision,
+                        deadline_ms,
+                        renew_at_ms,
+                    });
                 } else {
                     // Won a lease it cannot use (no longer Active, or a term that does not
                     // increase because the bucket was recreated): give it back at once.
@@ -284,7 +356,11 @@ impl Decider {
             }
             LeaseOpKind::Renew => {
                 if self.s.leadership.is_some() {
-                    self.emit(Event::LeaseRenewed { revision, deadline_ms, renew_at_ms });
+                    self.emit(Event::LeaseRenewed {
+                        revision,
+                        deadline_ms,
+                        renew_at_ms,
+                    });
                 } else {
                     self.request_lease(LeaseOpKind::Release, revision);
                 }
@@ -297,9 +373,14 @@ impl Decider {
     fn map_seen(&mut self, map: Option<&ShardMap>, revision: Revision) -> Result<(), Rejection> {
         let Some(map) = map else {
             if self.s.synced.map {
-                return Err(Rejection::Stale { seen: revision, known: self.s.map_revision });
+                return Err(Rejection::Stale {
+                    seen: revision,
+                    known: self.s.map_revision,
+                });
             }
-            self.emit(Event::Synced { part: SyncPart::Map });
+            self.emit(Event::Synced {
+                part: SyncPart::Map,
+            });
             return Ok(());
         };
         self.check_adoptable(map, revision)?;
@@ -310,7 +391,9 @@ impl Decider {
         }
         self.adopt(map, revision)?;
         if !self.s.synced.map {
-            self.emit(Event::Synced { part: SyncPart::Map });
+            self.emit(Event::Synced {
+                part: SyncPart::Map,
+            });
         }
         Ok(())
     }
@@ -321,23 +404,46 @@ impl Decider {
         let owned: SlotSet = map.slots_of(&self.s.me).collect();
         let gained = owned.minus(&self.s.hosted);
         let lost = self.s.hosted.minus(&owned);
-        self.emit(Event::MapAdopted { map: map.clone(), revision, gained, lost });
+        self.emit(Event::MapAdopted {
+            map: map.clone(),
+            revision,
+            gained,
+            lost,
+        });
         Ok(())
     }
 
     fn check_adoptable(&self, map: &ShardMap, revision: Revision) -> Result<(), Rejection> {
+        if map.term().0 > revision.0 {
+            return Err(Rejection::Inconsistent("map term above the key's revision"));
+        }
+        if map.epoch().0 > 0 && map.unowned() > 0 {
+            return Err(Rejection::IncompleteMap {
+                epoch: map.epoch(),
+                unowned: map.unowned(),
+            });
+        }
         if revision <= self.s.map_revision {
-            return Err(Rejection::Stale { seen: revision, known: self.s.map_revision });
+            return Err(Rejection::Stale {
+                seen: revision,
+                known: self.s.map_revision,
+            });
         }
         // Lease and map live in one stream, so revisions compare across the two keys: a map of
         // a lower term is stale exactly when it was written after the higher term's lease was
         // created (its revision is above that term).
         let highest = self.s.highest_term;
         if map.term() < highest && revision.0 > highest.0 {
-            return Err(Rejection::StaleTerm { map_term: map.term(), highest });
+            return Err(Rejection::StaleTerm {
+                map_term: map.term(),
+                highest,
+            });
         }
         if map.epoch() <= self.s.map.epoch() && self.s.map_revision > Revision(0) {
-            return Err(Rejection::OldEpoch { seen: map.epoch(), adopted: self.s.map.epoch() });
+            return Err(Rejection::OldEpoch {
+                seen: map.epoch(),
+                adopted: self.s.map.epoch(),
+            });
         }
         Ok(())
     }
@@ -349,7 +455,11 @@ impl Decider {
         };
         let reread = !matches!(outcome, MapOutcome::Written { .. });
         self.emit(Event::MapWriteEnded { op, reread });
-        if let MapOutcome::Written { map_revision, lease_revision } = outcome {
+        if let MapOutcome::Written {
+            map_revision,
+            lease_revision,
+        } = outcome
+        {
             if map_revision > self.s.map_revision {
                 // Our own write: adopting it cannot be refused by the term rule, but a newer
                 // map may already have been seen; then this one is simply not adopted.
@@ -360,7 +470,11 @@ impl Decider {
             {
                 let deadline_ms = self.ttl_deadline(write.sent_ms);
                 let renew_at_ms = self.now + self.s.config.lease_renew_interval_ms;
-                self.emit(Event::LeaseRenewed { revision: lease_revision, deadline_ms, renew_at_ms });
+                self.emit(Event::LeaseRenewed {
+                    revision: lease_revision,
+                    deadline_ms,
+                    renew_at_ms,
+                });
             }
         }
         Ok(())
@@ -376,21 +490,35 @@ impl Decider {
         if let Some(m) = known
             && m.revision >= revision
         {
-            return Err(Rejection::Stale { seen: revision, known: m.revision });
+            return Err(Rejection::Stale {
+                seen: revision,
+                known: m.revision,
+            });
         }
         match record {
             Ok(info) => {
                 if known.is_none() {
                     self.make_room()?;
                 }
-                self.emit(Event::MemberUpdated { node: node.clone(), info, revision });
+                self.emit(Event::MemberUpdated {
+                    node: node.clone(),
+                    info,
+                    revision,
+                });
             }
             Err(gone) => {
                 let Some(m) = known else {
-                    return Err(Rejection::Stale { seen: revision, known: Revision(0) });
+                    return Err(Rejection::Stale {
+                        seen: revision,
+                        known: Revision(0),
+                    });
                 };
                 if *node == self.s.me {
-                    self.emit(Event::MemberGone { node: node.clone(), status: NodeStatus::Failed, revision });
+                    self.emit(Event::MemberGone {
+                        node: node.clone(),
+                        status: NodeStatus::Failed,
+                        revision,
+                    });
                     self.lapsed();
                     return Ok(());
                 }
@@ -398,7 +526,11 @@ impl Decider {
                     (_, NodeStatus::Left) | (Gone::Deleted, _) => NodeStatus::Left,
                     (Gone::Expired, _) => NodeStatus::Failed,
                 };
-                self.emit(Event::MemberGone { node: node.clone(), status, revision });
+                self.emit(Event::MemberGone {
+                    node: node.clone(),
+                    status,
+                    revision,
+                });
             }
         }
         Ok(())
@@ -416,7 +548,8 @@ impl Decider {
             .members
             .iter()
             .find(|(id, m)| {
-                matches!(m.status, NodeStatus::Failed | NodeStatus::Left) && !counts.contains_key(*id)
+                matches!(m.status, NodeStatus::Failed | NodeStatus::Left)
+                    && !counts.contains_key(*id)
             })
             .map(|(id, _)| id.clone());
         match victim {
@@ -441,7 +574,11 @@ impl Decider {
             if known.is_none() {
                 self.make_room()?;
             }
-            self.emit(Event::MemberUpdated { node: node.clone(), info: *info, revision: *revision });
+            self.emit(Event::MemberUpdated {
+                node: node.clone(),
+                info: *info,
+                revision: *revision,
+            });
         }
         let vanished: Vec<NodeId> = self
             .s
@@ -456,10 +593,16 @@ impl Decider {
             .map(|(id, _)| id.clone())
             .collect();
         for node in vanished {
-            self.emit(Event::MemberGone { node, status: NodeStatus::Failed, revision: as_of });
+            self.emit(Event::MemberGone {
+                node,
+                status: NodeStatus::Failed,
+                revision: as_of,
+            });
         }
         if !self.s.synced.members {
-            self.emit(Event::Synced { part: SyncPart::Members });
+            self.emit(Event::Synced {
+                part: SyncPart::Members,
+            });
         }
         Ok(())
     }
@@ -496,7 +639,10 @@ impl Decider {
         if let Some(p) = self.s.lease_op
             && now >= p.sent_ms + cfg.request_timeout_ms
         {
-            self.emit(Event::LeaseOpEnded { op: p.op, reread: true });
+            self.emit(Event::LeaseOpEnded {
+                op: p.op,
+                reread: true,
+            });
         }
         if let Some(w) = &self.s.map_op
             && now >= w.sent_ms + cfg.request_timeout_ms
@@ -508,8 +654,10 @@ impl Decider {
         // Membership: a key not refreshed within its TTL may be gone. (A node that just joined
         // has one TTL from joining to get its first heartbeat through.)
         let refreshed_ms = self.s.heartbeat_ok_ms.max(self.s.joined_ms);
-        if matches!(self.s.status, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Draining)
-            && now >= refreshed_ms + cfg.member_ttl_ms
+        if matches!(
+            self.s.status,
+            NodeStatus::Joining | NodeStatus::Active | NodeStatus::Draining
+        ) && now >= refreshed_ms + cfg.member_ttl_ms
         {
             self.lapsed();
             if self.s.exited {
@@ -536,8 +684,14 @@ impl Decider {
             self.contend();
         }
 
-        if self.s.status == NodeStatus::Draining && self.s.leadership.is_none() && self.s.lease_op.is_none() {
-            let timed_out = self.s.drain_started_ms.is_some_and(|t| now >= t + cfg.drain_timeout_ms);
+        if self.s.status == NodeStatus::Draining
+            && self.s.leadership.is_none()
+            && self.s.lease_op.is_none()
+        {
+            let timed_out = self
+                .s
+                .drain_started_ms
+                .is_some_and(|t| now >= t + cfg.drain_timeout_ms);
             if self.s.hosted.is_empty() || timed_out {
                 self.leave();
             }
@@ -557,7 +711,11 @@ impl Decider {
         }
         if let Some(write) = self.proposal(l.term) {
             let (expected, lease_revision) = (self.s.map_revision, l.revision);
-            self.emit(Event::MapProposed { write, expected, lease_revision });
+            self.emit(Event::MapProposed {
+                write,
+                expected,
+                lease_revision,
+            });
         } else if self.now >= l.renew_at_ms {
             self.request_lease(LeaseOpKind::Renew, l.revision);
         }
@@ -575,8 +733,17 @@ impl Decider {
             return None;
         }
         let proposal = ShardMap::new(self.s.map.epoch().next(), term, owners).ok()?;
-        let active = nodes.into_iter().filter(|n| n.status == NodeStatus::Active).map(|n| n.id).collect();
-        Some(MapWrite { op: self.next_op(), proposal, active, sent_ms: self.now })
+        let active = nodes
+            .into_iter()
+            .filter(|n| n.status == NodeStatus::Active)
+            .map(|n| n.id)
+            .collect();
+        Some(MapWrite {
+            op: self.next_op(),
+            proposal,
+            active,
+            sent_ms: self.now,
+        })
     }
 
     fn contend(&mut self) {
@@ -637,9 +804,17 @@ pub fn apply_in_place(s: &mut State, ev: &Event) {
                 if let Some(revision) = written {
                     s.heartbeat_ok_ms = s.heartbeat_ok_ms.max(sent_ms);
                     let (status, weight) = (s.status, s.weight);
-                    let m = s.members.entry(s.me.clone()).or_insert(Member { status, weight, revision: *revision });
+                    let m = s.members.entry(s.me.clone()).or_insert(Member {
+                        status,
+                        weight,
+                        revision: *revision,
+                    });
                     if m.revision < *revision {
-                        *m = Member { status, weight, revision: *revision };
+                        *m = Member {
+                            status,
+                            weight,
+                            revision: *revision,
+                        };
                     }
                 }
             }
@@ -652,8 +827,14 @@ pub fn apply_in_place(s: &mut State, ev: &Event) {
             s.lease = entry.clone();
             s.lease_revision = *revision;
         }
-        Event::LeaseRequested { op, kind, at_ms, .. } => {
-            s.lease_op = Some(LeaseOp { op: *op, kind: *kind, sent_ms: *at_ms });
+        Event::LeaseRequested {
+            op, kind, at_ms, ..
+        } => {
+            s.lease_op = Some(LeaseOp {
+                op: *op,
+                kind: *kind,
+                sent_ms: *at_ms,
+            });
             s.next_op = s.next_op.max(op.0 + 1);
         }
         Event::LeaseOpEnded { op, .. } => {
@@ -661,18 +842,30 @@ pub fn apply_in_place(s: &mut State, ev: &Event) {
                 s.lease_op = None;
             }
         }
-        Event::LeaderElected { term, revision, deadline_ms, renew_at_ms } => {
+        Event::LeaderElected {
+            term,
+            revision,
+            deadline_ms,
+            renew_at_ms,
+        } => {
             s.leadership = Some(Leadership {
                 term: *term,
                 revision: *revision,
                 deadline_ms: *deadline_ms,
                 renew_at_ms: *renew_at_ms,
             });
-            s.lease = Some(LeaseEntry { holder: s.me.clone(), term: *term });
+            s.lease = Some(LeaseEntry {
+                holder: s.me.clone(),
+                term: *term,
+            });
             s.lease_revision = s.lease_revision.max(*revision);
             s.highest_term = s.highest_term.max(*term);
         }
-        Event::LeaseRenewed { revision, deadline_ms, renew_at_ms } => {
+        Event::LeaseRenewed {
+            revision,
+            deadline_ms,
+            renew_at_ms,
+        } => {
             if let Some(l) = s.leadership.as_mut() {
                 l.revision = l.revision.max(*revision);
                 l.deadline_ms = l.deadline_ms.max(*deadline_ms);
@@ -686,10 +879,25 @@ pub fn apply_in_place(s: &mut State, ev: &Event) {
             }
         }
         Event::LeadershipLost { .. } => s.leadership = None,
-        Event::MemberUpdated { node, info, revision } => {
-            s.members.insert(node.clone(), Member { status: info.status, weight: info.weight, revision: *revision });
+        Event::MemberUpdated {
+            node,
+            info,
+            revision,
+        } => {
+            s.members.insert(
+                node.clone(),
+                Member {
+                    status: info.status,
+                    weight: info.weight,
+                    revision: *revision,
+                },
+            );
         }
-        Event::MemberGone { node, status, revision } => {
+        Event::MemberGone {
+            node,
+            status,
+            revision,
+        } => {
             if let Some(m) = s.members.get_mut(node) {
                 m.status = *status;
                 m.revision = *revision;
@@ -698,7 +906,12 @@ pub fn apply_in_place(s: &mut State, ev: &Event) {
         Event::MemberForgotten { node } => {
             s.members.remove(node);
         }
-        Event::MapAdopted { map, revision, gained, lost } => {
+        Event::MapAdopted {
+            map,
+            revision,
+            gained,
+            lost,
+        } => {
             s.highest_term = s.highest_term.max(map.term());
             s.map = map.clone();
             s.map_revision = *revision;
@@ -736,20 +949,38 @@ pub fn plan(state: &State, ev: &Event) -> Vec<Action> {
     let cfg = &state.config;
     match ev {
         Event::HeartbeatSent { op, .. } => {
-            vec![Action::PutMember { op: *op, info: MemberInfo { status: state.status, weight: state.weight } }]
+            vec![Action::PutMember {
+                op: *op,
+                info: MemberInfo {
+                    status: state.status,
+                    weight: state.weight,
+                },
+            }]
         }
         Event::SyncStarted { .. } => vec![Action::ReadLease, Action::ReadMap, Action::ReadMembers],
-        Event::LeaseRequested { op, kind, expected, .. } => vec![match kind {
-            LeaseOpKind::Acquire => Action::AcquireLease { op: *op, expected: *expected },
+        Event::LeaseRequested {
+            op, kind, expected, ..
+        } => vec![match kind {
+            LeaseOpKind::Acquire => Action::AcquireLease {
+                op: *op,
+                expected: *expected,
+            },
             LeaseOpKind::Renew => Action::RenewLease {
                 op: *op,
                 term: state.leadership.map_or(Term(0), |l| l.term),
                 expected: (!cfg.planted(PlantedBug::RenewWithoutCas)).then_some(*expected),
             },
-            LeaseOpKind::Release => Action::ReleaseLease { op: *op, expected: *expected },
+            LeaseOpKind::Release => Action::ReleaseLease {
+                op: *op,
+                expected: *expected,
+            },
         }],
         Event::LeaseOpEnded { reread: true, .. } => vec![Action::ReadLease],
-        Event::MapProposed { write, expected, lease_revision } => vec![
+        Event::MapProposed {
+            write,
+            expected,
+            lease_revision,
+        } => vec![
             Action::WriteMap {
                 op: write.op,
                 map: write.proposal.clone(),
@@ -770,10 +1001,14 @@ pub fn plan(state: &State, ev: &Event) -> Vec<Action> {
             }
             actions
         }
-        Event::LeaderElected { .. } | Event::LeadershipLost { .. } | Event::StatusChanged { .. } => {
+        Event::LeaderElected { .. }
+        | Event::LeadershipLost { .. }
+        | Event::StatusChanged { .. } => {
             vec![Action::Announce(ev.clone())]
         }
-        Event::MemberGone { .. } if state.leadership.is_some() => vec![Action::Announce(ev.clone())],
+        Event::MemberGone { .. } if state.leadership.is_some() => {
+            vec![Action::Announce(ev.clone())]
+        }
         Event::Exited { stopped } => {
             let mut actions = Vec::new();
             if !stopped.is_empty() {

@@ -576,6 +576,18 @@ pub enum Rejection {
         /// The holder already known for that term.
         known: NodeId,
     },
+    /// A written map (epoch above 0) that leaves slots without an owner: malformed.
+    #[error("map epoch {epoch:?} leaves {unowned} slots without an owner")]
+    IncompleteMap {
+        /// The map's epoch.
+        epoch: crate::types::Epoch,
+        /// How many slots have no owner.
+        unowned: usize,
+    },
+    /// A record that no faithful KV could have produced (a term above its own revision, or a
+    /// lease term that falls inside the adopted map's lifetime under a lower term).
+    #[error("inconsistent record: {0}")]
+    Inconsistent(&'static str),
     /// A new member would exceed `max_members`.
     #[error("more than {0} members")]
     TooManyMembers(usize),

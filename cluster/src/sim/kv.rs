@@ -103,9 +103,11 @@ impl Kv {
     /// The lease's resolved holder and term, if live.
     pub fn lease(&self) -> Option<(NodeId, Term)> {
         match self.keys.get(&Key::Lease) {
-            Some(Entry { value: Some(Value::Lease { holder, term }), created_seq, .. }) => {
-                Some((holder.clone(), term.unwrap_or(Term(*created_seq))))
-            }
+            Some(Entry {
+                value: Some(Value::Lease { holder, term }),
+                created_seq,
+                ..
+            }) => Some((holder.clone(), term.unwrap_or(Term(*created_seq)))),
             _ => None,
         }
     }
@@ -115,7 +117,9 @@ impl Kv {
         self.keys
             .iter()
             .filter_map(|(k, e)| match (k, &e.value) {
-                (Key::Member(id), Some(Value::Member(info))) => Some((id.clone(), *info, e.last_seq)),
+                (Key::Member(id), Some(Value::Member(info))) => {
+                    Some((id.clone(), *info, e.last_seq))
+                }
                 _ => None,
             })
             .collect()
@@ -134,7 +138,9 @@ impl Kv {
             .filter(|(_, e)| e.expires_at_ms.is_some_and(|t| t <= now_ms))
             .map(|(k, _)| k.clone())
             .collect();
-        due.into_iter().map(|key| self.write(key, None, None, Op::Purge)).collect()
+        due.into_iter()
+            .map(|key| self.write(key, None, None, Op::Purge))
+            .collect()
     }
 
     fn check(&self, key: &Key, expected: Option<u64>) -> Result<(), WrongRevision> {
@@ -159,7 +165,12 @@ impl Kv {
         entry.last_seq = seq;
         entry.value = value.clone();
         entry.expires_at_ms = ttl_ms;
-        Change { key, value, revision: seq, op }
+        Change {
+            key,
+            value,
+            revision: seq,
+            op,
+        }
     }
 
     /// Puts a value if the key's revision is `expected` (any revision when None). `expires_at_ms`
@@ -202,7 +213,10 @@ mod tests {
     use super::*;
 
     fn lease(holder: &str) -> Value {
-        Value::Lease { holder: NodeId::new(holder).unwrap(), term: None }
+        Value::Lease {
+            holder: NodeId::new(holder).unwrap(),
+            term: None,
+        }
     }
 
     #[test]
@@ -210,7 +224,10 @@ mod tests {
         let mut kv = Kv::default();
         let c = kv.put(Key::Lease, lease("a"), Some(1000), Some(0)).unwrap();
         assert_eq!(c.revision, 1);
-        assert_eq!(kv.put(Key::Lease, lease("b"), Some(1000), Some(0)), Err(WrongRevision));
+        assert_eq!(
+            kv.put(Key::Lease, lease("b"), Some(1000), Some(0)),
+            Err(WrongRevision)
+        );
         assert_eq!(kv.lease().map(|(_, t)| t), Some(Term(1)));
         assert!(kv.expire(999).is_empty());
         let marks = kv.expire(1000);
@@ -228,11 +245,19 @@ mod tests {
         kv.put(Key::Lease, lease("a"), None, Some(0)).unwrap();
         let map = Value::Map(ShardMap::empty());
         let before = kv.seq();
-        let refused = kv.batch(vec![(Key::Lease, lease("a"), None, Some(99)), (Key::Map, map.clone(), None, Some(0))]);
+        let refused = kv.batch(vec![
+            (Key::Lease, lease("a"), None, Some(99)),
+            (Key::Map, map.clone(), None, Some(0)),
+        ]);
         assert_eq!(refused, Err(WrongRevision));
         assert_eq!(kv.seq(), before);
         assert_eq!(kv.get(&Key::Map), (None, 0));
-        let ok = kv.batch(vec![(Key::Lease, lease("a"), None, Some(1)), (Key::Map, map, None, Some(0))]).unwrap();
+        let ok = kv
+            .batch(vec![
+                (Key::Lease, lease("a"), None, Some(1)),
+                (Key::Map, map, None, Some(0)),
+            ])
+            .unwrap();
         assert_eq!(ok.len(), 2);
     }
 }

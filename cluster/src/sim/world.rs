@@ -1,7 +1,7 @@
 //! The simulated world: nodes, links, the KV server, the nemesis, and the checker.
 
-use std::collections::{BTreeMap, BinaryHeap};
 use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
 use std::fmt::Write as _;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
@@ -48,7 +48,14 @@ pub const VERBOSE_LOG_LIMIT: usize = 20_000;
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { seed: 1, nodes: 5, steps: 1_000, heal_steps: 6_000, plant: None, verbose: false }
+        SimConfig {
+            seed: 1,
+            nodes: 5,
+            steps: 1_000,
+            heal_steps: 6_000,
+            plant: None,
+            verbose: false,
+        }
     }
 }
 
@@ -204,31 +211,82 @@ enum Tag {
 enum Request {
     Get(Key),
     ListMembers,
-    Put { key: Key, value: Value, ttl_ms: Option<u64>, expected: Option<u64> },
-    Delete { key: Key, expected: Option<u64> },
-    WriteMap { map: ShardMap, expected: u64, lease_revision: Option<u64>, holder: NodeId, ttl_ms: u64 },
+    Put {
+        key: Key,
+        value: Value,
+        ttl_ms: Option<u64>,
+        expected: Option<u64>,
+    },
+    Delete {
+        key: Key,
+        expected: Option<u64>,
+    },
+    WriteMap {
+        map: ShardMap,
+        expected: u64,
+        lease_revision: Option<u64>,
+        holder: NodeId,
+        ttl_ms: u64,
+    },
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 enum Response {
-    Entry { value: Option<Value>, revision: u64, created: u64 },
-    Members { entries: Vec<(NodeId, core::MemberInfo, u64)>, as_of: u64 },
-    Written { revision: u64 },
-    WrittenMap { map_revision: u64, lease_revision: u64 },
+    Entry {
+        value: Option<Value>,
+        revision: u64,
+        created: u64,
+    },
+    Members {
+        entries: Vec<(NodeId, core::MemberInfo, u64)>,
+        as_of: u64,
+    },
+    Written {
+        revision: u64,
+    },
+    WrittenMap {
+        map_revision: u64,
+        lease_revision: u64,
+    },
     Refused,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 enum Item {
-    Tick { node: usize, inc: u32 },
-    ToKv { node: usize, inc: u32, tag: Tag, req: Request },
-    Reply { node: usize, inc: u32, tag: Tag, resp: Response },
-    Watch { node: usize, inc: u32, change: Change },
+    Tick {
+        node: usize,
+        inc: u32,
+    },
+    ToKv {
+        node: usize,
+        inc: u32,
+        tag: Tag,
+        req: Request,
+    },
+    Reply {
+        node: usize,
+        inc: u32,
+        tag: Tag,
+        resp: Response,
+    },
+    Watch {
+        node: usize,
+        inc: u32,
+        change: Change,
+    },
     Expire,
     Nemesis,
-    Resume { node: usize, inc: u32 },
-    Restart { node: usize },
-    Restore { node: usize, dir: Dir },
+    Resume {
+        node: usize,
+        inc: u32,
+    },
+    Restart {
+        node: usize,
+    },
+    Restore {
+        node: usize,
+        dir: Dir,
+    },
 }
 
 impl Item {
@@ -295,7 +353,8 @@ impl World {
         let plan = FaultPlan::draw(&mut rng, cfg.nodes);
         let nodes = (0..cfg.nodes)
             .map(|i| Node {
-                id: NodeId::new(&format!("n{i}")).unwrap_or_else(|_| unreachable!("n<digits> is a valid id")),
+                id: NodeId::new(&format!("n{i}"))
+                    .unwrap_or_else(|_| unreachable!("n<digits> is a valid id")),
                 state: None,
                 inc: 0,
                 offset_ms: 0,
@@ -361,16 +420,22 @@ impl World {
     }
 
     fn note(&mut self, line: impl FnOnce() -> String) {
-        let limit = if self.cfg.verbose { VERBOSE_LOG_LIMIT } else { LOG_LIMIT };
+        let limit = if self.cfg.verbose {
+            VERBOSE_LOG_LIMIT
+        } else {
+            LOG_LIMIT
+        };
         if self.log.len() < limit {
             let text = line();
-            self.log.push(format!("t={}ms step={}: {}", self.now, self.steps, text));
+            self.log
+                .push(format!("t={}ms step={}: {}", self.now, self.steps, text));
         }
     }
 
     fn violation(&mut self, what: String) {
         if self.violations.len() < 20 {
-            self.violations.push(format!("t={}ms step={}: {}", self.now, self.steps, what));
+            self.violations
+                .push(format!("t={}ms step={}: {}", self.now, self.steps, what));
         }
     }
 
@@ -379,7 +444,13 @@ impl World {
         let key = self.next_item;
         self.next_item += 1;
         self.items.insert(key, item);
-        self.queue.push(Reverse((Queued { at_ms: self.now + delay_ms, seq: self.seq }, key)));
+        self.queue.push(Reverse((
+            Queued {
+                at_ms: self.now + delay_ms,
+                seq: self.seq,
+            },
+            key,
+        )));
     }
 
     fn mix(&mut self, value: impl Hash) {
@@ -395,15 +466,19 @@ impl World {
             if self.healing.is_none() && self.steps >= self.cfg.steps {
                 self.heal();
             }
-            let Some(Reverse((q, key))) = self.queue.pop() else { break };
-            let Some(item) = self.items.remove(&key) else { continue };
+            let Some(Reverse((q, key))) = self.queue.pop() else {
+                break;
+            };
+            let Some(item) = self.items.remove(&key) else {
+                continue;
+            };
             self.now = self.now.max(q.at_ms);
             self.steps += 1;
             self.mix((self.now, &item));
             self.process(item);
             self.check_acting();
             if let Some(healed_at) = self.healing
-                && (self.steps - healed_at) % 8 == 0
+                && (self.steps - healed_at).is_multiple_of(8)
                 && self.settled().is_ok()
             {
                 self.settled_after = Some(self.steps - healed_at);
@@ -415,7 +490,9 @@ impl World {
         }
         if let Err(why) = self.settled() {
             let heal = self.cfg.heal_steps;
-            self.violation(format!("liveness: not settled within {heal} steps after healing: {why}"));
+            self.violation(format!(
+                "liveness: not settled within {heal} steps after healing: {why}"
+            ));
         }
     }
 
@@ -426,7 +503,9 @@ impl World {
     // ---- the network -------------------------------------------------------------------
 
     fn send(&mut self, item: Item) {
-        let Some((node, dir)) = item.target() else { return };
+        let Some((node, dir)) = item.target() else {
+            return;
+        };
         let link = match dir {
             Dir::Up => &mut self.nodes[node].up,
             Dir::Down => &mut self.nodes[node].down,
@@ -445,10 +524,14 @@ impl World {
             return;
         }
         if self.rng.chance(self.plan.dup_per_mille) {
-            let d = self.rng.range(self.plan.delay_min_ms, self.plan.delay_max_ms);
+            let d = self
+                .rng
+                .range(self.plan.delay_min_ms, self.plan.delay_max_ms);
             self.schedule(d, item.clone());
         }
-        let d = self.rng.range(self.plan.delay_min_ms, self.plan.delay_max_ms);
+        let d = self
+            .rng
+            .range(self.plan.delay_min_ms, self.plan.delay_max_ms);
         self.schedule(d, item);
     }
 
@@ -457,7 +540,11 @@ impl World {
             for i in 0..self.nodes.len() {
                 if self.nodes[i].state.is_some() {
                     let inc = self.nodes[i].inc;
-                    self.send(Item::Watch { node: i, inc, change: change.clone() });
+                    self.send(Item::Watch {
+                        node: i,
+                        inc,
+                        change: change.clone(),
+                    });
                 }
             }
         }
@@ -486,7 +573,12 @@ impl World {
                     self.command(node, Input::Tick);
                 }
             }
-            Item::ToKv { node, inc, tag, req } => self.serve(node, inc, tag, req),
+            Item::ToKv {
+                node,
+                inc,
+                tag,
+                req,
+            } => self.serve(node, inc, tag, req),
             Item::Reply { node, inc, .. } | Item::Watch { node, inc, .. } => {
                 if self.nodes[node].inc != inc || self.nodes[node].state.is_none() {
                     return;
@@ -514,7 +606,9 @@ impl World {
             Item::Nemesis => {
                 if self.healing.is_none() {
                     self.nemesis();
-                    let gap = self.rng.range(self.plan.fault_gap_ms.0, self.plan.fault_gap_ms.1);
+                    let gap = self
+                        .rng
+                        .range(self.plan.fault_gap_ms.0, self.plan.fault_gap_ms.1);
                     self.schedule(gap, Item::Nemesis);
                 }
             }
@@ -531,7 +625,9 @@ impl World {
     /// Hands one input to a node's core, performs its actions, and checks its invariants.
     fn command(&mut self, i: usize, input: Input) {
         let now_ms = self.local_now(i);
-        let Some(state) = self.nodes[i].state.as_mut() else { return };
+        let Some(state) = self.nodes[i].state.as_mut() else {
+            return;
+        };
         let verbose = self.cfg.verbose.then(|| format!("{input:?}"));
         let result = core::step(state, &Command { now_ms, input });
         let check = invariants::check(state);
@@ -552,7 +648,10 @@ impl World {
                         let id = self.nodes[i].id.clone();
                         if let Some(other) = self.leaders.get(term).filter(|o| **o != id) {
                             let other = other.clone();
-                            self.violation(format!("I1: term {} has two leaders, {other} and {id}", term.0));
+                            self.violation(format!(
+                                "I1: term {} has two leaders, {other} and {id}",
+                                term.0
+                            ));
                         }
                         self.leaders.insert(*term, id);
                     }
@@ -574,9 +673,20 @@ impl World {
         let (tag, req) = match action {
             Action::PutMember { op, info } => (
                 Tag::Heartbeat(op),
-                Request::Put { key: Key::Member(me), value: Value::Member(info), ttl_ms: Some(member_ttl), expected: None },
+                Request::Put {
+                    key: Key::Member(me),
+                    value: Value::Member(info),
+                    ttl_ms: Some(member_ttl),
+                    expected: None,
+                },
             ),
-            Action::DeleteMember => (Tag::DeleteMember, Request::Delete { key: Key::Member(me), expected: None }),
+            Action::DeleteMember => (
+                Tag::DeleteMember,
+                Request::Delete {
+                    key: Key::Member(me),
+                    expected: None,
+                },
+            ),
             Action::ReadLease => (Tag::ReadLease, Request::Get(Key::Lease)),
             Action::ReadMap => (Tag::ReadMap, Request::Get(Key::Map)),
             Action::ReadMembers => (Tag::ReadMembers, Request::ListMembers),
@@ -584,7 +694,10 @@ impl World {
                 Tag::Lease(op),
                 Request::Put {
                     key: Key::Lease,
-                    value: Value::Lease { holder: me, term: None },
+                    value: Value::Lease {
+                        holder: me,
+                        term: None,
+                    },
                     ttl_ms: Some(lease_ttl),
                     expected: Some(expected.0),
                 },
@@ -595,16 +708,29 @@ impl World {
                     Tag::Lease(op),
                     Request::Put {
                         key: Key::Lease,
-                        value: Value::Lease { holder: me, term: Some(term) },
+                        value: Value::Lease {
+                            holder: me,
+                            term: Some(term),
+                        },
                         ttl_ms: Some(lease_ttl),
                         expected: expected.map(|r| r.0),
                     },
                 )
             }
-            Action::ReleaseLease { op, expected } => {
-                (Tag::Lease(op), Request::Delete { key: Key::Lease, expected: Some(expected.0) })
-            }
-            Action::WriteMap { op, map, expected, lease_revision, fenced } => {
+            Action::ReleaseLease { op, expected } => (
+                Tag::Lease(op),
+                Request::Delete {
+                    key: Key::Lease,
+                    expected: Some(expected.0),
+                },
+            ),
+            Action::WriteMap {
+                op,
+                map,
+                expected,
+                lease_revision,
+                fenced,
+            } => {
                 self.maybe_pause_at_write(i);
                 (
                     Tag::Map(op),
@@ -623,7 +749,12 @@ impl World {
             }
             Action::StartSlots(_) | Action::StopSlots(_) | Action::Announce(_) => return,
         };
-        let item = Item::ToKv { node: i, inc, tag, req };
+        let item = Item::ToKv {
+            node: i,
+            inc,
+            tag,
+            req,
+        };
         if self.nodes[i].paused {
             self.nodes[i].held_out.push(item);
         } else {
@@ -648,7 +779,11 @@ impl World {
         self.note(|| format!("{id} drained and exited"));
         self.nodes[i].state = None;
         self.nodes[i].paused = false;
-        let d = if self.healing.is_some() { 10 } else { self.rng.range(300, 3_000) };
+        let d = if self.healing.is_some() {
+            10
+        } else {
+            self.rng.range(300, 3_000)
+        };
         self.schedule(d, Item::Restart { node: i });
     }
 
@@ -661,32 +796,70 @@ impl World {
             Request::Get(key) => {
                 let (value, revision) = self.kv.get(&key);
                 let created = self.kv.created(&key);
-                (Response::Entry { value, revision, created }, Vec::new())
+                (
+                    Response::Entry {
+                        value,
+                        revision,
+                        created,
+                    },
+                    Vec::new(),
+                )
             }
-            Request::ListMembers => {
-                (Response::Members { entries: self.kv.members(), as_of: self.kv.seq() }, Vec::new())
-            }
-            Request::Put { key, value, ttl_ms, expected } => {
+            Request::ListMembers => (
+                Response::Members {
+                    entries: self.kv.members(),
+                    as_of: self.kv.seq(),
+                },
+                Vec::new(),
+            ),
+            Request::Put {
+                key,
+                value,
+                ttl_ms,
+                expected,
+            } => {
                 let before = self.kv.lease();
-                match self.kv.put(key.clone(), value, ttl_ms.map(|t| self.now + t), expected) {
+                match self
+                    .kv
+                    .put(key.clone(), value, ttl_ms.map(|t| self.now + t), expected)
+                {
                     Ok(change) => {
                         if key == Key::Lease {
                             self.check_lease_write(before, &change);
                         }
-                        (Response::Written { revision: change.revision }, vec![change])
+                        (
+                            Response::Written {
+                                revision: change.revision,
+                            },
+                            vec![change],
+                        )
                     }
                     Err(_) => (Response::Refused, Vec::new()),
                 }
             }
             Request::Delete { key, expected } => match self.kv.delete(key, expected) {
-                Ok(change) => (Response::Written { revision: change.revision }, vec![change]),
+                Ok(change) => (
+                    Response::Written {
+                        revision: change.revision,
+                    },
+                    vec![change],
+                ),
                 Err(_) => (Response::Refused, Vec::new()),
             },
-            Request::WriteMap { map, expected, lease_revision, holder, ttl_ms } => {
+            Request::WriteMap {
+                map,
+                expected,
+                lease_revision,
+                holder,
+                ttl_ms,
+            } => {
                 let before = self.kv.lease();
                 let mut writes = Vec::new();
                 if let Some(rev) = lease_revision {
-                    let value = Value::Lease { holder, term: Some(map.term()) };
+                    let value = Value::Lease {
+                        holder,
+                        term: Some(map.term()),
+                    };
                     writes.push((Key::Lease, value, Some(self.now + ttl_ms), Some(rev)));
                 }
                 writes.push((Key::Map, Value::Map(map.clone()), None, Some(expected)));
@@ -701,14 +874,25 @@ impl World {
                         }
                         let map_revision = changes.last().map_or(0, |c| c.revision);
                         self.check_map_write(&writer, &map);
-                        (Response::WrittenMap { map_revision, lease_revision }, changes)
+                        (
+                            Response::WrittenMap {
+                                map_revision,
+                                lease_revision,
+                            },
+                            changes,
+                        )
                     }
                     Err(_) => (Response::Refused, Vec::new()),
                 }
             }
         };
         if tag != Tag::DeleteMember {
-            self.send(Item::Reply { node, inc, tag, resp });
+            self.send(Item::Reply {
+                node,
+                inc,
+                tag,
+                resp,
+            });
         }
         self.broadcast(changes);
     }
@@ -718,15 +902,26 @@ impl World {
     /// A lease write may only extend its own holder's lease or create one where none is live,
     /// and a new holder's term must exceed every term before it.
     fn check_lease_write(&mut self, before: Option<(NodeId, Term)>, change: &Change) {
-        let Some(Value::Lease { holder, term }) = &change.value else { return };
+        let Some(Value::Lease { holder, term }) = &change.value else {
+            return;
+        };
         let term = term.unwrap_or(Term(change.revision));
         if let Some((prev, prev_term)) = &before
             && prev != holder
         {
-            self.violation(format!("lease of {prev} (term {}) overwritten by {holder} while live", prev_term.0));
+            self.violation(format!(
+                "lease of {prev} (term {}) overwritten by {holder} while live",
+                prev_term.0
+            ));
         }
-        if self.last_lease_holder.as_ref() != Some(holder) && term <= self.max_term && before.is_none() {
-            self.violation(format!("lease taken by {holder} with term {} not above {}", term.0, self.max_term.0));
+        if self.last_lease_holder.as_ref() != Some(holder)
+            && term <= self.max_term
+            && before.is_none()
+        {
+            self.violation(format!(
+                "lease taken by {holder} with term {} not above {}",
+                term.0, self.max_term.0
+            ));
         }
         self.max_term = self.max_term.max(term);
         self.last_lease_holder = Some(holder.clone());
@@ -744,7 +939,11 @@ impl World {
             )),
         }
         if map.epoch().0 <= self.last_epoch {
-            self.violation(format!("map epoch {} written after epoch {}", map.epoch().0, self.last_epoch));
+            self.violation(format!(
+                "map epoch {} written after epoch {}",
+                map.epoch().0,
+                self.last_epoch
+            ));
         }
         self.last_epoch = self.last_epoch.max(map.epoch().0);
     }
@@ -758,42 +957,73 @@ impl World {
 
     /// At most one node acts as leader at any instant.
     fn check_acting(&mut self) {
-        let acting: Vec<(usize, Term)> =
-            (0..self.nodes.len()).filter_map(|i| self.acting(i).map(|t| (i, t))).collect();
+        let acting: Vec<(usize, Term)> = (0..self.nodes.len())
+            .filter_map(|i| self.acting(i).map(|t| (i, t)))
+            .collect();
         if acting.len() > 1 && !self.core_cfg.planted(PlantedBug::StaleLeaderWrite) {
-            let names: Vec<String> =
-                acting.iter().map(|(i, t)| format!("{} (term {})", self.nodes[*i].id, t.0)).collect();
-            self.violation(format!("{} nodes act as leader at once: {}", acting.len(), names.join(", ")));
+            let names: Vec<String> = acting
+                .iter()
+                .map(|(i, t)| format!("{} (term {})", self.nodes[*i].id, t.0))
+                .collect();
+            self.violation(format!(
+                "{} nodes act as leader at once: {}",
+                acting.len(),
+                names.join(", ")
+            ));
         }
     }
 
     /// Settled: one live leader holds the lease, the map of its term puts every slot on a live
     /// Active node, and every live node is Active on that map.
     fn settled(&self) -> Result<(), String> {
-        let Some((holder, term)) = self.kv.lease() else { return Err("no lease".into()) };
+        let Some((holder, term)) = self.kv.lease() else {
+            return Err("no lease".into());
+        };
         let Some(li) = self.nodes.iter().position(|n| n.id == holder) else {
             return Err(format!("lease held by unknown {holder}"));
         };
         if self.acting(li) != Some(term) {
-            return Err(format!("lease holder {holder} is not acting as leader of term {}", term.0));
+            return Err(format!(
+                "lease holder {holder} is not acting as leader of term {}",
+                term.0
+            ));
         }
-        let (Some(Value::Map(map)), map_rev) = self.kv.get(&Key::Map) else { return Err("no map".into()) };
+        let (Some(Value::Map(map)), map_rev) = self.kv.get(&Key::Map) else {
+            return Err("no map".into());
+        };
         if map.term() != term {
-            return Err(format!("map is of term {}, lease of term {}", map.term().0, term.0));
+            return Err(format!(
+                "map is of term {}, lease of term {}",
+                map.term().0,
+                term.0
+            ));
         }
         let mut live_active = Vec::new();
         for n in &self.nodes {
             match &n.state {
-                Some(s) if s.status == NodeStatus::Active && s.map_revision == Revision(map_rev) => {
+                Some(s)
+                    if s.status == NodeStatus::Active && s.map_revision == Revision(map_rev) =>
+                {
                     live_active.push(n.id.clone())
                 }
-                Some(s) => return Err(format!("{} is {:?} at map revision {}", n.id, s.status, s.map_revision.0)),
+                Some(s) => {
+                    return Err(format!(
+                        "{} is {:?} at map revision {}",
+                        n.id, s.status, s.map_revision.0
+                    ));
+                }
                 None if n.dead_for_good => {}
                 None => return Err(format!("{} is down", n.id)),
             }
         }
-        if let Some(bad) = map.owners().iter().find(|o| o.as_ref().is_none_or(|o| !live_active.contains(o))) {
-            return Err(format!("a slot is owned by {bad:?}, not a live Active node"));
+        if let Some(bad) = map
+            .owners()
+            .iter()
+            .find(|o| o.as_ref().is_none_or(|o| !live_active.contains(o)))
+        {
+            return Err(format!(
+                "a slot is owned by {bad:?}, not a live Active node"
+            ));
         }
         Ok(())
     }
@@ -825,13 +1055,26 @@ impl World {
                 self.note(|| format!("partition {id} away for {d}ms"));
                 self.nodes[i].up = Link::Cut;
                 self.nodes[i].down = Link::Cut;
-                self.schedule(d, Item::Restore { node: i, dir: Dir::Up });
-                self.schedule(d, Item::Restore { node: i, dir: Dir::Down });
+                self.schedule(
+                    d,
+                    Item::Restore {
+                        node: i,
+                        dir: Dir::Up,
+                    },
+                );
+                self.schedule(
+                    d,
+                    Item::Restore {
+                        node: i,
+                        dir: Dir::Down,
+                    },
+                );
             }
             1 => {
                 // Swizzle: clog a random set of links one by one, then restore them in random order.
-                let mut links: Vec<(usize, Dir)> =
-                    (0..self.nodes.len()).flat_map(|n| [(n, Dir::Up), (n, Dir::Down)]).collect();
+                let mut links: Vec<(usize, Dir)> = (0..self.nodes.len())
+                    .flat_map(|n| [(n, Dir::Up), (n, Dir::Down)])
+                    .collect();
                 self.rng.shuffle(&mut links);
                 links.truncate(self.rng.range(1, links.len() as u64) as usize);
                 let mut at = 0;
@@ -845,7 +1088,10 @@ impl World {
                     at += self.rng.range(50, 600);
                     self.schedule(at, Item::Restore { node: n, dir });
                 }
-                let names: Vec<String> = links.iter().map(|(n, d)| format!("{}{:?}", self.nodes[*n].id, d)).collect();
+                let names: Vec<String> = links
+                    .iter()
+                    .map(|(n, d)| format!("{}{:?}", self.nodes[*n].id, d))
+                    .collect();
                 self.note(|| format!("swizzle-clog {} until +{at}ms", names.join(" ")));
             }
             2 => {
@@ -991,25 +1237,54 @@ impl World {
 /// The command an answer becomes.
 fn reply_input(tag: Tag, resp: Response) -> Option<Input> {
     let outcome = |resp: &Response| match resp {
-        Response::Written { revision } => KvOutcome::Written { revision: Revision(*revision) },
+        Response::Written { revision } => KvOutcome::Written {
+            revision: Revision(*revision),
+        },
         _ => KvOutcome::WrongRevision,
     };
     Some(match (tag, resp) {
-        (Tag::Heartbeat(op), r) => Input::HeartbeatReply { op, outcome: outcome(&r) },
-        (Tag::Lease(op), r) => Input::LeaseReply { op, outcome: outcome(&r) },
-        (Tag::Map(op), Response::WrittenMap { map_revision, lease_revision }) => Input::MapReply {
+        (Tag::Heartbeat(op), r) => Input::HeartbeatReply {
+            op,
+            outcome: outcome(&r),
+        },
+        (Tag::Lease(op), r) => Input::LeaseReply {
+            op,
+            outcome: outcome(&r),
+        },
+        (
+            Tag::Map(op),
+            Response::WrittenMap {
+                map_revision,
+                lease_revision,
+            },
+        ) => Input::MapReply {
             op,
             outcome: MapOutcome::Written {
                 map_revision: Revision(map_revision),
                 lease_revision: Revision(lease_revision),
             },
         },
-        (Tag::Map(op), _) => Input::MapReply { op, outcome: MapOutcome::Refused },
-        (Tag::ReadLease, Response::Entry { value, revision, created }) => Input::LeaseSeen {
+        (Tag::Map(op), _) => Input::MapReply {
+            op,
+            outcome: MapOutcome::Refused,
+        },
+        (
+            Tag::ReadLease,
+            Response::Entry {
+                value,
+                revision,
+                created,
+            },
+        ) => Input::LeaseSeen {
             entry: lease_entry(value.as_ref(), created),
             revision: Revision(revision),
         },
-        (Tag::ReadMap, Response::Entry { value, revision, .. }) => Input::MapSeen {
+        (
+            Tag::ReadMap,
+            Response::Entry {
+                value, revision, ..
+            },
+        ) => Input::MapSeen {
             map: match value {
                 Some(Value::Map(m)) => Some(m),
                 _ => None,
@@ -1017,7 +1292,10 @@ fn reply_input(tag: Tag, resp: Response) -> Option<Input> {
             revision: Revision(revision),
         },
         (Tag::ReadMembers, Response::Members { entries, as_of }) => Input::MembersListed {
-            entries: entries.into_iter().map(|(n, info, rev)| (n, info, Revision(rev))).collect(),
+            entries: entries
+                .into_iter()
+                .map(|(n, info, rev)| (n, info, Revision(rev)))
+                .collect(),
             as_of: Revision(as_of),
         },
         _ => return None,
@@ -1026,9 +1304,10 @@ fn reply_input(tag: Tag, resp: Response) -> Option<Input> {
 
 fn lease_entry(value: Option<&Value>, created: u64) -> Option<LeaseEntry> {
     match value {
-        Some(Value::Lease { holder, term }) => {
-            Some(LeaseEntry { holder: holder.clone(), term: term.unwrap_or(Term(created)) })
-        }
+        Some(Value::Lease { holder, term }) => Some(LeaseEntry {
+            holder: holder.clone(),
+            term: term.unwrap_or(Term(created)),
+        }),
         _ => None,
     }
 }
@@ -1037,7 +1316,10 @@ fn lease_entry(value: Option<&Value>, created: u64) -> Option<LeaseEntry> {
 fn watch_input(change: Change) -> Input {
     let revision = Revision(change.revision);
     match change.key {
-        Key::Lease => Input::LeaseSeen { entry: lease_entry(change.value.as_ref(), change.revision), revision },
+        Key::Lease => Input::LeaseSeen {
+            entry: lease_entry(change.value.as_ref(), change.revision),
+            revision,
+        },
         Key::Map => Input::MapSeen {
             map: match change.value {
                 Some(Value::Map(m)) => Some(m),
@@ -1051,7 +1333,11 @@ fn watch_input(change: Change) -> Input {
                 (_, Op::Delete) => Err(Gone::Deleted),
                 _ => Err(Gone::Expired),
             };
-            Input::MemberSeen { node, record, revision }
+            Input::MemberSeen {
+                node,
+                record,
+                revision,
+            }
         }
     }
 }
@@ -1063,8 +1349,16 @@ pub fn describe(r: &Report) -> String {
     let _ = writeln!(
         out,
         "seed {}: drop {}‰ dup {}‰ delay {}-{}ms fault gap {}-{}ms weights {:?} (partition swizzle crash pause drain pause@write) skew ≤{}ms permanent deaths ≤{}",
-        r.seed, p.drop_per_mille, p.dup_per_mille, p.delay_min_ms, p.delay_max_ms, p.fault_gap_ms.0,
-        p.fault_gap_ms.1, p.weights, p.skew_max_ms, p.permanent_deaths
+        r.seed,
+        p.drop_per_mille,
+        p.dup_per_mille,
+        p.delay_min_ms,
+        p.delay_max_ms,
+        p.fault_gap_ms.0,
+        p.fault_gap_ms.1,
+        p.weights,
+        p.skew_max_ms,
+        p.permanent_deaths
     );
     out
 }

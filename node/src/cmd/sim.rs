@@ -2,8 +2,8 @@
 //! threads, and prints a summary whose last line is machine-readable.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use clap::Args;
@@ -17,7 +17,7 @@ pub struct SimArgs {
     #[arg(long, conflicts_with_all = ["seeds", "first_seed"])]
     seed: Option<u64>,
     /// How many seeds to run.
-    #[arg(long, default_value_t = 1_000)]
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     seeds: u64,
     /// The first seed of the range.
     #[arg(long, default_value_t = 1)]
@@ -58,7 +58,9 @@ pub fn run(args: SimArgs) -> ExitCode {
         None => None,
         Some((_, Some(bug))) => Some(bug),
         Some((name, None)) => {
-            eprintln!("tessel sim: unknown planted bug {name:?}; known: stale-leader-write, place-on-failed, renew-without-cas");
+            eprintln!(
+                "tessel sim: unknown planted bug {name:?}; known: stale-leader-write, place-on-failed, renew-without-cas"
+            );
             return ExitCode::from(2);
         }
     };
@@ -75,7 +77,11 @@ pub fn run(args: SimArgs) -> ExitCode {
         verbose: args.verbose,
     };
     // Validate once up front so a bad argument is one clear error, not one per seed.
-    if let Err(e) = sim::run(&SimConfig { steps: 1, heal_steps: 0, ..base.clone() }) {
+    if let Err(e) = sim::run(&SimConfig {
+        steps: 1,
+        heal_steps: 0,
+        ..base.clone()
+    }) {
         eprintln!("tessel sim: {e}");
         return ExitCode::from(2);
     }
@@ -103,7 +109,10 @@ pub fn run(args: SimArgs) -> ExitCode {
                         break;
                     }
                     let seed = first + k;
-                    let cfg = SimConfig { seed, ..base.clone() };
+                    let cfg = SimConfig {
+                        seed,
+                        ..base.clone()
+                    };
                     let Ok(report) = sim::run(&cfg) else { break };
                     steps.fetch_add(report.steps, Ordering::Relaxed);
                     if args.check_determinism
@@ -125,8 +134,11 @@ pub fn run(args: SimArgs) -> ExitCode {
                         }
                     }
                     let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    if !args.json && !single && d % 1000 == 0 {
-                        eprintln!("sim: {d}/{count} seeds, {:.1}s", started.elapsed().as_secs_f64());
+                    if !args.json && !single && d.is_multiple_of(1000) {
+                        eprintln!(
+                            "sim: {d}/{count} seeds, {:.1}s",
+                            started.elapsed().as_secs_f64()
+                        );
                     }
                 }
             });
@@ -144,11 +156,18 @@ pub fn run(args: SimArgs) -> ExitCode {
         for v in r.violations.iter().take(5) {
             println!("  {v}");
         }
-        println!("reproduce with: tessel sim --seed {}{}", r.seed, plant_flag(plant));
+        println!(
+            "reproduce with: tessel sim --seed {}{}",
+            r.seed,
+            plant_flag(plant)
+        );
     }
     for s in &nondeterministic {
         println!("seed {s} is not deterministic: two runs differ");
-        println!("reproduce with: tessel sim --seed {s} --check-determinism{}", plant_flag(plant));
+        println!(
+            "reproduce with: tessel sim --seed {s} --check-determinism{}",
+            plant_flag(plant)
+        );
     }
     if args.json {
         let first_failing = failures.first().map(|r| r.seed);
@@ -166,14 +185,24 @@ pub fn run(args: SimArgs) -> ExitCode {
             })
         );
     } else {
-        eprintln!("sim: {:.2}s, {:.0} steps/s on {threads} threads", secs, steps as f64 / secs.max(1e-9));
+        eprintln!(
+            "sim: {:.2}s, {:.0} steps/s on {threads} threads",
+            secs,
+            steps as f64 / secs.max(1e-9)
+        );
         println!("sim: {seeds_run} seeds, {steps} steps, {violations} violations");
     }
-    if violations > 0 || !nondeterministic.is_empty() { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+    if violations > 0 || !nondeterministic.is_empty() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 fn plant_flag(plant: Option<PlantedBug>) -> String {
-    plant.map(|p| format!(" --plant {}", p.name())).unwrap_or_default()
+    plant
+        .map(|p| format!(" --plant {}", p.name()))
+        .unwrap_or_default()
 }
 
 fn print_single(r: &Report) {
@@ -182,11 +211,20 @@ fn print_single(r: &Report) {
         println!("  {line}");
     }
     match r.settled_after {
-        Some(n) => println!("settled {n} steps after healing; {} faults, {} refused commands", r.faults, r.rejections),
-        None => println!("did not settle; {} faults, {} refused commands", r.faults, r.rejections),
+        Some(n) => println!(
+            "settled {n} steps after healing; {} faults, {} refused commands",
+            r.faults, r.rejections
+        ),
+        None => println!(
+            "did not settle; {} faults, {} refused commands",
+            r.faults, r.rejections
+        ),
     }
     for v in &r.violations {
         println!("VIOLATION {v}");
     }
-    println!("trace {:016x}, {} steps, {} simulated ms", r.trace, r.steps, r.sim_ms);
+    println!(
+        "trace {:016x}, {} steps, {} simulated ms",
+        r.trace, r.steps, r.sim_ms
+    );
 }
