@@ -46,7 +46,7 @@ struct Raw {
 fn raw() -> impl Strategy<Value = Raw> {
     (
         0u16..700,
-        0u8..12,
+        0u8..13,
         any::<u64>(),
         any::<u64>(),
         any::<u64>(),
@@ -206,6 +206,7 @@ fn realise(s: &State, r: &Raw, kv_revision: &mut u64) -> Input {
                 as_of: revision,
             }
         }
+        12 => Input::LeaseUnreadable { revision },
         _ => Input::HeartbeatReply {
             op: op(s.heartbeats.last().map(|h| h.0)),
             outcome: outcome(r.b, revision),

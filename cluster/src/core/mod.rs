@@ -13,7 +13,7 @@ pub mod model;
 
 use crate::placement::{PlacementNode, place_among};
 use crate::shard_map::ShardMap;
-use crate::types::{NodeId, NodeStatus, Revision, SlotSet, Term, Weight};
+use crate::types::{Epoch, NodeId, NodeStatus, Revision, SlotSet, Term, Weight};
 pub use config::{ConfigError, CoreConfig, PlantedBug};
 pub use model::*;
 
@@ -37,6 +37,8 @@ impl State {
             lease_op: None,
             map: ShardMap::empty(),
             map_revision: Revision(0),
+            map_key_revision: Revision(0),
+            lease_blocked_until_ms: 0,
             map_op: None,
             hosted: SlotSet::EMPTY,
             highest_term: Term(0),
@@ -206,6 +208,7 @@ impl Decider {
             Input::Tick => {}
             Input::Drain => self.drain()?,
             Input::LeaseSeen { entry, revision } => self.lease_seen(entry, *revision)?,
+            Input::LeaseUnreadable { revision } => self.lease_unreadable(*revision)?,
             Input::LeaseReply { op, outcome } => self.lease_reply(*op, *outcome)?,
             Input::MapSeen { map, revision } => self.map_seen(map.as_ref(), *revision)?,
             Input::MapReply { op, outcome } => self.map_reply(*op, *outcome)?,
@@ -258,7 +261,11 @@ impl Decider {
         revision: Revision,
     ) -> Result<(), Rejection> {
         let known = self.s.lease_revision;
-        if revision < known || (revision == known && *entry == self.s.lease && self.s.synced.lease)
+        // A read that finds no message at all (revision 0) after markers were seen: the server
+        // removed the expiry marker, and the next acquire must expect 0.
+        let vanished = entry.is_none() && revision == Revision(0) && known > Revision(0);
+        if (revision < known && !vanished)
+            || (revision == known && *entry == self.s.lease && self.s.synced.lease)
         {
             return Err(Rejection::Stale {
                 seen: revision,
@@ -307,6 +314,35 @@ impl Decider {
         if let Some(revision) = learned {
             self.emit(Event::LeaseRevisionLearned { revision });
         }
+        if !self.s.synced.lease {
+            self.emit(Event::Synced {
+                part: SyncPart::Lease,
+            });
+        }
+        Ok(())
+    }
+
+    /// The lease key holds a record nobody can read: no one leads under it. A leader steps down
+    /// (its next renewal would be refused anyway); contenders treat it as a live lease of an
+    /// unknown holder for one TTL, so that a leader it displaced has passed its own deadline
+    /// before anyone acquires.
+    fn lease_unreadable(&mut self, revision: Revision) -> Result<(), Rejection> {
+        let known = self.s.lease_revision;
+        if revision <= known {
+            return Err(Rejection::Stale {
+                seen: revision,
+                known,
+            });
+        }
+        if self.s.leadership.is_some() {
+            self.lose_leadership(LossReason::Superseded);
+        }
+        self.emit(Event::LeaseObserved {
+            entry: None,
+            revision,
+        });
+        let until_ms = self.now + self.s.config.lease_ttl_ms;
+        self.emit(Event::LeaseBlocked { revision, until_ms });
         if !self.s.synced.lease {
             self.emit(Event::Synced {
                 part: SyncPart::Lease,
@@ -372,15 +408,22 @@ impl Decider {
 
     fn map_seen(&mut self, map: Option<&ShardMap>, revision: Revision) -> Result<(), Rejection> {
         let Some(map) = map else {
-            if self.s.synced.map {
+            // Absent, deleted or unreadable: nothing to adopt, but a leader must know the key's
+            // revision to write over it.
+            let moved = revision > self.s.map_key_revision;
+            if moved {
+                self.emit(Event::MapKeyMoved { revision });
+            }
+            if !self.s.synced.map {
+                self.emit(Event::Synced {
+                    part: SyncPart::Map,
+                });
+            } else if !moved {
                 return Err(Rejection::Stale {
                     seen: revision,
-                    known: self.s.map_revision,
+                    known: self.s.map_key_revision,
                 });
             }
-            self.emit(Event::Synced {
-                part: SyncPart::Map,
-            });
             return Ok(());
         };
         self.check_adoptable(map, revision)?;
@@ -710,7 +753,7 @@ impl Decider {
             return;
         }
         if let Some(write) = self.proposal(l.term) {
-            let (expected, lease_revision) = (self.s.map_revision, l.revision);
+            let (expected, lease_revision) = (self.s.map_key_revision, l.revision);
             self.emit(Event::MapProposed {
                 write,
                 expected,
@@ -729,10 +772,21 @@ impl Decider {
         let nodes = self.s.placement_nodes();
         let cfg = &self.s.config;
         let owners = place_among(&self.s.map, &nodes, |st| cfg.eligible(st)).ok()?;
-        if self.s.map.term() == term && owners.as_slice() == self.s.map.owners() {
+        let current = self.s.map.term() == term
+            && owners.as_slice() == self.s.map.owners()
+            && self.s.map_key_revision == self.s.map_revision;
+        if current {
             return None;
         }
-        let proposal = ShardMap::new(self.s.map.epoch().next(), term, owners).ok()?;
+        // Epochs only grow. Every map's epoch is at most its revision (each write takes at least
+        // one revision), so when the key holds something unreadable on top of the adopted map,
+        // an epoch above that revision is above every map ever written.
+        let epoch = if self.s.map_key_revision > self.s.map_revision {
+            Epoch(self.s.map.epoch().0.max(self.s.map_key_revision.0)).next()
+        } else {
+            self.s.map.epoch().next()
+        };
+        let proposal = ShardMap::new(epoch, term, owners).ok()?;
         let active = nodes
             .into_iter()
             .filter(|n| n.status == NodeStatus::Active)
@@ -751,7 +805,9 @@ impl Decider {
             return;
         }
         match &self.s.lease {
-            None if self.s.status == NodeStatus::Active => {
+            None if self.s.status == NodeStatus::Active
+                && self.now >= self.s.lease_blocked_until_ms =>
+            {
                 let expected = self.s.lease_revision;
                 self.request_lease(LeaseOpKind::Acquire, expected);
             }
@@ -819,6 +875,10 @@ pub fn apply_in_place(s: &mut State, ev: &Event) {
                 }
             }
         }
+        Event::LeaseBlocked { until_ms, .. } => {
+            s.lease_blocked_until_ms = s.lease_blocked_until_ms.max(*until_ms);
+        }
+        Event::MapKeyMoved { revision } => s.map_key_revision = s.map_key_revision.max(*revision),
         Event::SyncStarted { at_ms } => s.sync_due_ms = at_ms + s.config.sync_interval_ms,
         Event::LeaseObserved { entry, revision } => {
             if let Some(e) = entry {
@@ -915,6 +975,7 @@ pub fn apply_in_place(s: &mut State, ev: &Event) {
             s.highest_term = s.highest_term.max(map.term());
             s.map = map.clone();
             s.map_revision = *revision;
+            s.map_key_revision = s.map_key_revision.max(*revision);
             for slot in lost.iter() {
                 s.hosted.remove(slot);
             }

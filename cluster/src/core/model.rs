@@ -127,6 +127,13 @@ pub struct State {
     pub map: ShardMap,
     /// The adopted map's KV revision.
     pub map_revision: Revision,
+    /// The map key's latest revision seen, whatever it held (an unreadable record counts): the
+    /// expected revision of the next map write.
+    pub map_key_revision: Revision,
+    /// Until this instant a contender must not acquire: the lease key held an unreadable record
+    /// (garbage, or a lease no faithful KV could have written), which is treated as a live lease
+    /// of an unknown holder for one TTL from when it was seen.
+    pub lease_blocked_until_ms: u64,
     /// The map write in flight (leader only).
     pub map_op: Option<MapWrite>,
     /// The slots whose hosts this node runs: always the adopted map's slots of this node.
@@ -243,6 +250,12 @@ pub enum Input {
         /// The key's revision (0 if never written).
         revision: Revision,
     },
+    /// The lease key holds a record that cannot be read (malformed, or inconsistent with its
+    /// revision).
+    LeaseUnreadable {
+        /// The key's revision.
+        revision: Revision,
+    },
     /// The answer to a lease request.
     LeaseReply {
         /// The request.
@@ -252,7 +265,7 @@ pub enum Input {
     },
     /// The map key, from a read or a watch.
     MapSeen {
-        /// The map, or None if never written.
+        /// The map, or None if never written, deleted, or unreadable.
         map: Option<ShardMap>,
         /// The key's revision.
         revision: Revision,
@@ -344,6 +357,18 @@ pub enum Event {
     LeaseObserved {
         /// The live lease, or None.
         entry: Option<LeaseEntry>,
+        /// The key's revision.
+        revision: Revision,
+    },
+    /// The lease key holds an unreadable record: contenders wait one TTL before taking it over.
+    LeaseBlocked {
+        /// The unreadable record's revision.
+        revision: Revision,
+        /// Contenders wait until this instant.
+        until_ms: u64,
+    },
+    /// The map key moved to a revision whose record is not a map this node can adopt.
+    MapKeyMoved {
         /// The key's revision.
         revision: Revision,
     },

@@ -35,7 +35,13 @@ pub enum Value {
     Map(ShardMap),
     /// A membership record.
     Member(MemberInfo),
+    /// Bytes no node can read (a hostile or broken writer).
+    Garbage,
 }
+
+/// How long an expiry marker stays before the server removes it (after which the key has no
+/// message at all and reads as revision 0), like JetStream's `subject_delete_marker_ttl`.
+pub const MARKER_TTL_MS: u64 = 1_000;
 
 /// How a key changed, as a watcher sees it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -138,9 +144,17 @@ impl Kv {
             .filter(|(_, e)| e.expires_at_ms.is_some_and(|t| t <= now_ms))
             .map(|(k, _)| k.clone())
             .collect();
-        due.into_iter()
-            .map(|key| self.write(key, None, None, Op::Purge))
-            .collect()
+        let mut changes = Vec::new();
+        for key in due {
+            let marker = self.keys.get(&key).is_some_and(|e| e.value.is_none());
+            if marker {
+                // The marker's own TTL ran out: the key disappears without a new revision.
+                self.keys.remove(&key);
+            } else {
+                changes.push(self.write(key, None, Some(now_ms + MARKER_TTL_MS), Op::Purge));
+            }
+        }
+        changes
     }
 
     fn check(&self, key: &Key, expected: Option<u64>) -> Result<(), WrongRevision> {

@@ -86,8 +86,8 @@ pub struct FaultPlan {
     pub delay_max_ms: u64,
     /// Time between two faults, ms (lower and upper bound).
     pub fault_gap_ms: (u64, u64),
-    /// Relative weights of partition, swizzle, crash, pause, drain, pause-at-write.
-    pub weights: [u64; 6],
+    /// Relative weights of partition, swizzle, crash, pause, drain, pause-at-write, garbage.
+    pub weights: [u64; 7],
     /// Largest clock offset of a node, ms.
     pub skew_max_ms: u64,
     /// How many crashed nodes stay dead after healing, at most.
@@ -97,12 +97,12 @@ pub struct FaultPlan {
 impl FaultPlan {
     fn draw(rng: &mut Rng, nodes: usize) -> FaultPlan {
         let delay_min_ms = rng.range(0, 2);
-        let mut weights = [0; 6];
+        let mut weights = [0; 7];
         for w in &mut weights {
             *w = rng.range(0, 4);
         }
         if weights.iter().all(|&w| w == 0) {
-            weights[rng.below(6)] = 1;
+            weights[rng.below(7)] = 1;
         }
         let gap_lo = rng.range(100, 800);
         FaultPlan {
@@ -1124,6 +1124,18 @@ impl World {
                 self.note(|| format!("drain {id}"));
                 self.command(i, Input::Drain);
             }
+            6 => {
+                // A hostile or broken client writes bytes no node can read over a control key.
+                let key = if self.rng.chance(500) {
+                    Key::Lease
+                } else {
+                    Key::Map
+                };
+                self.note(|| format!("garbage written to {key:?}"));
+                if let Ok(change) = self.kv.put(key, Value::Garbage, None, None) {
+                    self.broadcast(vec![change]);
+                }
+            }
             _ => {
                 // Arm a pause at the current leader's next lease or map write.
                 if let Some(l) = (0..self.nodes.len()).find(|&n| self.acting(n).is_some()) {
@@ -1275,9 +1287,14 @@ fn reply_input(tag: Tag, resp: Response) -> Option<Input> {
                 revision,
                 created,
             },
-        ) => Input::LeaseSeen {
-            entry: lease_entry(value.as_ref(), created),
-            revision: Revision(revision),
+        ) => match value {
+            Some(Value::Garbage) => Input::LeaseUnreadable {
+                revision: Revision(revision),
+            },
+            _ => Input::LeaseSeen {
+                entry: lease_entry(value.as_ref(), created),
+                revision: Revision(revision),
+            },
         },
         (
             Tag::ReadMap,
@@ -1316,6 +1333,7 @@ fn lease_entry(value: Option<&Value>, created: u64) -> Option<LeaseEntry> {
 fn watch_input(change: Change) -> Input {
     let revision = Revision(change.revision);
     match change.key {
+        Key::Lease if change.value == Some(Value::Garbage) => Input::LeaseUnreadable { revision },
         Key::Lease => Input::LeaseSeen {
             entry: lease_entry(change.value.as_ref(), change.revision),
             revision,
@@ -1348,7 +1366,7 @@ pub fn describe(r: &Report) -> String {
     let p = &r.plan;
     let _ = writeln!(
         out,
-        "seed {}: drop {}‰ dup {}‰ delay {}-{}ms fault gap {}-{}ms weights {:?} (partition swizzle crash pause drain pause@write) skew ≤{}ms permanent deaths ≤{}",
+        "seed {}: drop {}‰ dup {}‰ delay {}-{}ms fault gap {}-{}ms weights {:?} (partition swizzle crash pause drain pause@write garbage) skew ≤{}ms permanent deaths ≤{}",
         r.seed,
         p.drop_per_mille,
         p.dup_per_mille,

@@ -1,2 +1,29 @@
-//! One module per subcommand.
+//! The command line: one module per subcommand.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
 pub mod sim;
+
+/// tessel: a distributed actor-cluster runtime over NATS.
+#[derive(Parser, Debug)]
+#[command(name = "tessel", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the deterministic simulator over many seeds (or one).
+    Sim(sim::SimArgs),
+}
+
+/// Parses the command line and runs the subcommand; the exit code is the subcommand's.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Sim(args) => sim::run(args),
+    }
+}

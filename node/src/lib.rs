@@ -1,0 +1,11 @@
+//! # node — the `tessel` binary's library
+//!
+//! The shell around the pure core: NATS I/O (the KV lease, membership, the shard map), the
+//! configuration, the ractor supervision tree, the command line, and local process management.
+//!
+//! **Invariant:** decisions are made by `cluster::core`; this crate only turns NATS messages
+//! and timer ticks into commands and performs the core's actions.
+//! **Boundary:** the only crate that knows subject strings, wire formats and the wall clock.
+
+pub mod cmd;
+pub mod natsd;
