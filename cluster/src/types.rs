@@ -118,6 +118,11 @@ impl Slot {
         Slot((h % SLOT_COUNT as u64) as u16)
     }
 
+    /// The slot number.
+    pub fn get(self) -> u16 {
+        self.0
+    }
+
     /// The slot number, `0..SLOT_COUNT`.
     pub fn index(self) -> usize {
         usize::from(self.0)

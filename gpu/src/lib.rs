@@ -18,6 +18,16 @@ pub enum DeviceKind {
     Cuda,
 }
 
+impl DeviceKind {
+    /// `cpu` or `cuda`, as records and `tessel devices --json` print it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
+}
+
 /// A device a node found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Device {

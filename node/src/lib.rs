@@ -8,4 +8,10 @@
 //! **Boundary:** the only crate that knows subject strings, wire formats and the wall clock.
 
 pub mod cmd;
+pub mod config;
+pub mod connect;
+pub mod metrics;
 pub mod natsd;
+pub mod records;
+pub mod runtime;
+pub mod store;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod node;
 pub mod sim;
 
 /// tessel: a distributed actor-cluster runtime over NATS.
@@ -16,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run one cluster node.
+    Node(node::NodeArgs),
     /// Run the deterministic simulator over many seeds (or one).
     Sim(sim::SimArgs),
 }
@@ -24,6 +27,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Node(args) => node::run(args),
         Command::Sim(args) => sim::run(args),
     }
 }

@@ -1,0 +1,231 @@
+//! `tessel node`: one cluster node.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use ractor::Actor;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::{LogFormat, NodeConfig, split_urls};
+use crate::connect::connect;
+use crate::metrics::Metrics;
+use crate::records::{MemberRecord, SCHEMA_VERSION, device_records};
+use crate::runtime::{Clock, NodeContext, NodeSupervisor, NodeView, SupMsg};
+use crate::store::{Store, wall_ms};
+
+/// Exit code for a configuration that does not validate.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Arguments of `tessel node`; flags override the file and the environment.
+#[derive(Args, Debug, Clone, Default)]
+pub struct NodeArgs {
+    /// NATS server URLs, comma-separated.
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// This node's id ([A-Za-z0-9_-], at most 64).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// The cluster name (prefix of every bucket, stream and subject).
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// A TOML configuration file.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Serve HTTP status on this address.
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Capacity weight for placement.
+    #[arg(long)]
+    pub capacity: Option<u64>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Loads the configuration: file, then environment, then flags; validated.
+pub fn load(args: &NodeArgs) -> Result<NodeConfig, crate::config::ConfigError> {
+    let mut cfg = match &args.config {
+        Some(path) => NodeConfig::from_file(path)?,
+        None => NodeConfig::default(),
+    };
+    cfg.apply_env(|k| std::env::var(k).ok())?;
+    if let Some(v) = &args.nats {
+        cfg.nats_urls = split_urls(v);
+    }
+    if let Some(v) = &args.node_id {
+        cfg.node_id = v.clone();
+    }
+    if let Some(v) = &args.cluster {
+        cfg.cluster = v.clone();
+    }
+    if let Some(v) = &args.http {
+        cfg.http = Some(v.clone());
+    }
+    if let Some(v) = args.capacity {
+        cfg.capacity = v;
+    }
+    if let Some(v) = args.log_format {
+        cfg.log_format = v;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// Sets up logging (RUST_LOG filters; default info).
+pub fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Runs `tessel node`.
+pub fn run(args: NodeArgs) -> ExitCode {
+    let cfg = match load(&args) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("tessel node: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_tracing(cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tessel node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(serve(cfg));
+    rt.shutdown_timeout(Duration::from_secs(2));
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+async fn serve(cfg: NodeConfig) -> i32 {
+    let (me, weight) = match cfg.validate() {
+        Ok(v) => v,
+        Err(e) => {
+            error!("{e}");
+            return i32::from(EXIT_CONFIG);
+        }
+    };
+    let metrics = Arc::new(Metrics::default());
+    let client = match connect(&cfg, &format!("tessel-{me}"), metrics.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("tessel node: {e}");
+            return e.exit_code();
+        }
+    };
+    let store = match Store::open(
+        client.clone(),
+        &cfg.cluster,
+        cfg.replicas,
+        Duration::from_millis(cfg.request_timeout_ms),
+        cfg.lease_ttl_ms,
+        cfg.member_ttl_ms,
+        cfg.max_record_bytes,
+        metrics.clone(),
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot set up the buckets: {e}");
+            eprintln!("tessel node: cannot set up the buckets: {e}");
+            return 5;
+        }
+    };
+    let record = MemberRecord {
+        v: SCHEMA_VERSION,
+        id: me.to_string(),
+        status: "Joining".into(),
+        capacity: u64::from(weight.get()),
+        devices: device_records(&gpu::discover()),
+        addr: cfg.http.clone(),
+        started_at_ms: wall_ms(),
+    };
+    let (view, _) = watch::channel(NodeView::default());
+    let ctx = NodeContext {
+        cfg: cfg.clone(),
+        me: me.clone(),
+        weight,
+        store,
+        metrics,
+        clock: Clock::new(cfg.clock_offset_ms),
+        record,
+        view: Arc::new(view),
+    };
+    let (exit_tx, mut exit_rx) = watch::channel(None);
+    let (sup, handle) = match Actor::spawn(None, NodeSupervisor, (ctx, Arc::new(exit_tx))).await {
+        Ok(v) => v,
+        Err(e) => {
+            error!("cannot start the supervision tree: {e}");
+            return 1;
+        }
+    };
+    info!(node = %me, cluster = %cfg.cluster, "node running");
+
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            error!("cannot install signal handlers");
+            sup.stop(None);
+            return 1;
+        }
+    };
+    let mut draining = false;
+    let drain_limit = Duration::from_millis(cfg.drain_timeout_ms + 5_000);
+    let deadline = tokio::time::sleep(Duration::from_secs(u64::MAX / 4));
+    tokio::pin!(deadline);
+    let code = loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            changed = exit_rx.changed() => {
+                match (changed, *exit_rx.borrow()) {
+                    (Ok(()), Some(code)) => break code,
+                    (Err(_), _) => break 1,
+                    _ => continue,
+                }
+            }
+            _ = &mut deadline, if draining => {
+                warn!("drain did not finish in time; exiting");
+                break 1;
+            }
+        }
+        if draining {
+            warn!("second signal: exiting without finishing the drain");
+            break 1;
+        }
+        draining = true;
+        info!(node = %me, "signal received: draining");
+        let _ = sup.cast(SupMsg::Drain);
+        deadline
+            .as_mut()
+            .reset(tokio::time::Instant::now() + drain_limit);
+    };
+    sup.stop(None);
+    let _ = tokio::time::timeout(Duration::from_secs(2), handle).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
+    info!(node = %me, code, "node stopped");
+    code
+}

@@ -1,0 +1,147 @@
+//! Connecting to NATS: options from the configuration, retries with backoff at start, clear
+//! errors, and reconnection counted in metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::{ConnectErrorKind, ConnectOptions, Event};
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::metrics::Metrics;
+
+/// Exit code for wrong credentials or a refused TLS handshake: retrying will not help.
+pub const EXIT_AUTH: i32 = 3;
+/// Exit code when NATS stayed unreachable for `connect_retry_for_ms`.
+pub const EXIT_UNREACHABLE: i32 = 4;
+
+/// Why no connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectFailure {
+    /// The server refused the credentials (or TLS): a configuration problem.
+    #[error(
+        "NATS refused the connection to {urls}: {message} (check user/password, creds_file and TLS settings)"
+    )]
+    Refused {
+        /// The URLs tried.
+        urls: String,
+        /// The server's or client's message.
+        message: String,
+    },
+    /// Nothing answered within the retry window.
+    #[error("NATS at {urls} unreachable for {waited_ms} ms: {message}")]
+    Unreachable {
+        /// The URLs tried.
+        urls: String,
+        /// How long it tried.
+        waited_ms: u64,
+        /// The last error.
+        message: String,
+    },
+    /// A configured file could not be used.
+    #[error("NATS credentials: {0}")]
+    Credentials(String),
+}
+
+impl ConnectFailure {
+    /// The process exit code for this failure.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ConnectFailure::Refused { .. } | ConnectFailure::Credentials(_) => EXIT_AUTH,
+            ConnectFailure::Unreachable { .. } => EXIT_UNREACHABLE,
+        }
+    }
+}
+
+async fn options(
+    cfg: &NodeConfig,
+    name: &str,
+    metrics: Arc<Metrics>,
+) -> Result<ConnectOptions, ConnectFailure> {
+    let max_delay = Duration::from_millis(cfg.reconnect_max_delay_ms);
+    let mut o = ConnectOptions::new()
+        .name(name)
+        .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+        .max_reconnects(None)
+        .reconnect_delay_callback(move |attempts| {
+            let ms = 50u64.saturating_mul(1 << attempts.min(10));
+            Duration::from_millis(ms).min(max_delay)
+        })
+        .event_callback(move |event| {
+            let metrics = metrics.clone();
+            async move {
+                match event {
+                    Event::Connected => {
+                        Metrics::inc(&metrics.nats_reconnects_total);
+                        info!("reconnected to NATS");
+                    }
+                    Event::Disconnected => warn!("disconnected from NATS"),
+                    other => info!(event = %other, "NATS event"),
+                }
+            }
+        });
+    if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+        o = o.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(path) = &cfg.creds_file {
+        o = o
+            .credentials_file(path)
+            .await
+            .map_err(|e| ConnectFailure::Credentials(format!("{}: {e}", path.display())))?;
+    }
+    if let Some(ca) = &cfg.tls_ca_file {
+        o = o.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert_file, &cfg.tls_key_file) {
+        o = o
+            .add_client_certificate(cert.clone(), key.clone())
+            .require_tls(true);
+    }
+    Ok(o)
+}
+
+/// Connects, retrying with backoff for up to `connect_retry_for_ms` (0: forever) while the
+/// servers are unreachable; refused credentials fail at once.
+pub async fn connect(
+    cfg: &NodeConfig,
+    name: &str,
+    metrics: Arc<Metrics>,
+) -> Result<async_nats::Client, ConnectFailure> {
+    let urls = cfg.nats_urls.join(",");
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        let o = options(cfg, name, metrics.clone()).await?;
+        match o.connect(cfg.nats_urls.clone()).await {
+            Ok(client) => {
+                info!(%urls, attempt, "connected to NATS");
+                return Ok(client);
+            }
+            Err(e) => {
+                let message = e.to_string();
+                match e.kind() {
+                    ConnectErrorKind::AuthorizationViolation
+                    | ConnectErrorKind::Authentication
+                    | ConnectErrorKind::Tls
+                    | ConnectErrorKind::ServerParse => {
+                        return Err(ConnectFailure::Refused { urls, message });
+                    }
+                    _ => {}
+                }
+                let waited_ms = started.elapsed().as_millis() as u64;
+                if cfg.connect_retry_for_ms > 0 && waited_ms >= cfg.connect_retry_for_ms {
+                    return Err(ConnectFailure::Unreachable {
+                        urls,
+                        waited_ms,
+                        message,
+                    });
+                }
+                warn!(%urls, attempt, error = %message, retry_in_ms = delay.as_millis() as u64, "NATS unreachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(cfg.reconnect_max_delay_ms.max(100)));
+            }
+        }
+    }
+}

@@ -1,0 +1,555 @@
+//! The coordination buckets on JetStream, and the translation between KV entries and the core's
+//! inputs and actions.
+//!
+//! Bucket `<c>-control` holds the lease (`leader`) and the shard map (`map`) in one stream so
+//! that the leader's map write and its lease check go in one atomic batch: the server itself
+//! refuses a deposed leader's write. Bucket `<c>-nodes` holds one TTL'd membership key per node.
+//! See docs/nats-layout.md for every record.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_nats::jetstream::{self, kv, stream};
+use async_nats::{HeaderMap, HeaderValue, header};
+use bytes::Bytes;
+use cluster::core::{Gone, Input, KvOutcome, MapOutcome};
+use cluster::{NodeId, Revision, ShardMap, Term};
+use futures::StreamExt;
+use tracing::warn;
+
+use crate::metrics::Metrics;
+use crate::records::{self, MemberRecord};
+
+/// The lease key.
+pub const LEASE_KEY: &str = "leader";
+/// The map key.
+pub const MAP_KEY: &str = "map";
+/// How long the server keeps an expiry or delete marker (`subject_delete_marker_ttl`).
+pub const MARKER_TTL: Duration = Duration::from_secs(60);
+/// Largest membership record.
+pub const MAX_MEMBER_RECORD_BYTES: usize = 16 * 1024;
+/// Most membership keys read in one listing.
+pub const MAX_MEMBER_KEYS: usize = 4_096;
+
+const KV_OPERATION: &str = "KV-Operation";
+
+/// The control bucket's name.
+pub fn control_bucket(cluster: &str) -> String {
+    format!("{cluster}-control")
+}
+
+/// The membership bucket's name.
+pub fn nodes_bucket(cluster: &str) -> String {
+    format!("{cluster}-nodes")
+}
+
+/// Why the buckets could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A JetStream request failed.
+    #[error("{what}: {message}")]
+    JetStream {
+        /// What was being done.
+        what: String,
+        /// The error.
+        message: String,
+    },
+}
+
+fn js_err(what: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> StoreError {
+    let what = what.into();
+    move |e| StoreError::JetStream {
+        what,
+        message: e.to_string(),
+    }
+}
+
+/// Creates a KV bucket with per-key TTLs and limit markers, or binds an existing one, and makes
+/// sure its stream allows atomic batches when `atomic` is set. Never calls
+/// `update_key_value` (it would reset the stream's atomic flag).
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+    max_value_bytes: usize,
+    atomic: bool,
+) -> Result<kv::Store, StoreError> {
+    let store = match js.get_key_value(bucket).await {
+        Ok(store) => store,
+        Err(_) => {
+            let config = kv::Config {
+                bucket: bucket.to_string(),
+                history: 1,
+                num_replicas: replicas,
+                storage: jetstream::stream::StorageType::File,
+                max_value_size: i32::try_from(max_value_bytes).unwrap_or(i32::MAX),
+                limit_markers: Some(MARKER_TTL),
+                ..Default::default()
+            };
+            match js.create_key_value(config).await {
+                Ok(store) => store,
+                // Another node created it in between.
+                Err(_) => js
+                    .get_key_value(bucket)
+                    .await
+                    .map_err(|e| js_err(format!("bind bucket {bucket}"))(&e))?,
+            }
+        }
+    };
+    if atomic {
+        let name = format!("KV_{bucket}");
+        let mut s = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| js_err(format!("stream {name}"))(&e))?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| js_err(format!("stream info {name}"))(&e))?;
+        if !info.config.allow_atomic_publish {
+            let config = stream::Config {
+                allow_atomic_publish: true,
+                ..info.config.clone()
+            };
+            js.update_stream(config)
+                .await
+                .map_err(|e| js_err(format!("enable atomic batches on {name}"))(&e))?;
+        }
+    }
+    Ok(store)
+}
+
+/// The buckets, and the requests the core's actions turn into.
+#[derive(Clone)]
+pub struct Store {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    control: kv::Store,
+    nodes: kv::Store,
+    control_prefix: String,
+    nodes_prefix: String,
+    lease_ttl: String,
+    member_ttl: String,
+    lease_ttl_ms: u64,
+    max_record_bytes: usize,
+    batch_nonce: u64,
+    batch_counter: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
+}
+
+fn ttl_header(ms: u64) -> String {
+    format!("{}s", ms.div_ceil(1_000).max(1))
+}
+
+/// Milliseconds since the Unix epoch by the wall clock (informative fields only).
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Store {
+    /// Creates or binds the buckets of `cluster`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        client: async_nats::Client,
+        cluster: &str,
+        replicas: usize,
+        request_timeout: Duration,
+        lease_ttl_ms: u64,
+        member_ttl_ms: u64,
+        max_record_bytes: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Store, StoreError> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(request_timeout)
+            .build(client.clone());
+        let control_name = control_bucket(cluster);
+        let nodes_name = nodes_bucket(cluster);
+        let control = ensure_bucket(&js, &control_name, replicas, max_record_bytes, true).await?;
+        let nodes =
+            ensure_bucket(&js, &nodes_name, replicas, MAX_MEMBER_RECORD_BYTES, false).await?;
+        let batch_nonce = wall_ms() ^ u64::from(std::process::id()).rotate_left(40);
+        Ok(Store {
+            client,
+            js,
+            control,
+            nodes,
+            control_prefix: format!("$KV.{control_name}."),
+            nodes_prefix: format!("$KV.{nodes_name}."),
+            lease_ttl: ttl_header(lease_ttl_ms),
+            member_ttl: ttl_header(member_ttl_ms),
+            lease_ttl_ms,
+            max_record_bytes,
+            batch_nonce,
+            batch_counter: Arc::new(AtomicU64::new(0)),
+            metrics,
+        })
+    }
+
+    /// The control bucket.
+    pub fn control(&self) -> &kv::Store {
+        &self.control
+    }
+
+    /// The membership bucket.
+    pub fn nodes(&self) -> &kv::Store {
+        &self.nodes
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    fn bad_record(&self, what: &str, revision: u64, err: &records::RecordError) {
+        Metrics::inc(&self.metrics.bad_records_total);
+        warn!(what, revision, error = %err, "ignoring a bad record");
+    }
+
+    /// The core input for the lease key's entry (None: the key has no message at all).
+    pub fn lease_input(&self, entry: Option<&kv::Entry>) -> Input {
+        let Some(e) = entry else {
+            return Input::LeaseSeen {
+                entry: None,
+                revision: Revision(0),
+            };
+        };
+        let revision = Revision(e.revision);
+        match e.operation {
+            kv::Operation::Put => {
+                match records::parse_lease(&e.value, e.revision, self.max_record_bytes) {
+                    Ok(entry) => Input::LeaseSeen {
+                        entry: Some(entry),
+                        revision,
+                    },
+                    Err(err) => {
+                        self.bad_record("lease", e.revision, &err);
+                        Input::LeaseUnreadable { revision }
+                    }
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => Input::LeaseSeen {
+                entry: None,
+                revision,
+            },
+        }
+    }
+
+    /// The core input for the map key's entry.
+    pub fn map_input(&self, entry: Option<&kv::Entry>) -> Input {
+        let Some(e) = entry else {
+            return Input::MapSeen {
+                map: None,
+                revision: Revision(0),
+            };
+        };
+        let revision = Revision(e.revision);
+        let map = match e.operation {
+            kv::Operation::Put => {
+                match records::parse_map(&e.value, e.revision, self.max_record_bytes) {
+                    Ok(map) => Some(map),
+                    Err(err) => {
+                        self.bad_record("map", e.revision, &err);
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        Input::MapSeen { map, revision }
+    }
+
+    /// The core input for a control-bucket entry from a watch (None for unknown keys).
+    pub fn control_input(&self, e: &kv::Entry) -> Option<Input> {
+        match e.key.as_str() {
+            LEASE_KEY => Some(self.lease_input(Some(e))),
+            MAP_KEY => Some(self.map_input(Some(e))),
+            other => {
+                Metrics::inc(&self.metrics.bad_records_total);
+                warn!(key = other, "ignoring an unknown key in the control bucket");
+                None
+            }
+        }
+    }
+
+    /// The core input for a membership entry (None when unreadable).
+    pub fn member_input(&self, e: &kv::Entry) -> Option<Input> {
+        let revision = Revision(e.revision);
+        let node = match NodeId::new(&e.key) {
+            Ok(n) => n,
+            Err(err) => {
+                Metrics::inc(&self.metrics.bad_records_total);
+                warn!(key = %e.key, error = %err, "ignoring a membership key that is not a node id");
+                return None;
+            }
+        };
+        let record = match e.operation {
+            kv::Operation::Put => {
+                match records::parse_member(&e.value, &e.key, MAX_MEMBER_RECORD_BYTES) {
+                    Ok((_, info, _)) => Ok(info),
+                    Err(err) => {
+                        self.bad_record("member", e.revision, &err);
+                        return None;
+                    }
+                }
+            }
+            kv::Operation::Delete => Err(Gone::Deleted),
+            kv::Operation::Purge => Err(Gone::Expired),
+        };
+        Some(Input::MemberSeen {
+            node,
+            record,
+            revision,
+        })
+    }
+
+    /// Reads the lease key.
+    pub async fn read_lease(&self) -> Option<Input> {
+        match self.control.entry(LEASE_KEY).await {
+            Ok(e) => Some(self.lease_input(e.as_ref())),
+            Err(err) => self.kv_failed("read lease", &err),
+        }
+    }
+
+    /// Reads the map key.
+    pub async fn read_map(&self) -> Option<Input> {
+        match self.control.entry(MAP_KEY).await {
+            Ok(e) => Some(self.map_input(e.as_ref())),
+            Err(err) => self.kv_failed("read map", &err),
+        }
+    }
+
+    /// Reads every membership record.
+    pub async fn read_members(&self) -> Option<Input> {
+        let as_of = match self.nodes.status().await {
+            Ok(s) => s.info.state.last_sequence,
+            Err(err) => return self.kv_failed("membership status", &err),
+        };
+        let mut keys = match self.nodes.keys().await {
+            Ok(k) => k,
+            Err(err) => return self.kv_failed("membership keys", &err),
+        };
+        let mut entries = Vec::new();
+        let mut n = 0;
+        while let Some(key) = keys.next().await {
+            n += 1;
+            if n > MAX_MEMBER_KEYS {
+                warn!(limit = MAX_MEMBER_KEYS, "membership listing truncated");
+                break;
+            }
+            let Ok(key) = key else {
+                return self.kv_failed("membership keys", &"listing ended");
+            };
+            match self.nodes.entry(&key).await {
+                Ok(Some(e)) => {
+                    if let Some(Input::MemberSeen {
+                        node,
+                        record: Ok(info),
+                        revision,
+                    }) = self.member_input(&e)
+                    {
+                        entries.push((node, info, revision));
+                    }
+                }
+                Ok(None) => {}
+                Err(err) => return self.kv_failed("membership entry", &err),
+            }
+        }
+        Some(Input::MembersListed {
+            entries,
+            as_of: Revision(as_of),
+        })
+    }
+
+    fn kv_failed<T>(&self, what: &str, err: &dyn std::fmt::Display) -> Option<T> {
+        Metrics::inc(&self.metrics.kv_errors_total);
+        warn!(what, error = %err, "KV request failed");
+        None
+    }
+
+    /// Publishes one KV write with the given headers and classifies the outcome.
+    async fn write(&self, subject: String, headers: HeaderMap, payload: Bytes) -> KvOutcome {
+        let ack = match self
+            .js
+            .publish_with_headers(subject, headers, payload)
+            .await
+        {
+            Ok(fut) => fut.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(ack) => KvOutcome::Written {
+                revision: Revision(ack.sequence),
+            },
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                KvOutcome::WrongRevision
+            }
+            Err(e) => {
+                Metrics::inc(&self.metrics.kv_errors_total);
+                warn!(error = %e, "KV write failed");
+                KvOutcome::Failed
+            }
+        }
+    }
+
+    fn expect(headers: &mut HeaderMap, revision: Revision) {
+        headers.insert(
+            header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            HeaderValue::from(revision.0),
+        );
+    }
+
+    fn lease_payload(&self, me: &NodeId, term: Option<Term>) -> Bytes {
+        let expires = wall_ms() + self.lease_ttl_ms;
+        Bytes::from(records::encode_lease(me, term.map(|t| t.0), expires))
+    }
+
+    /// Creates the lease if the key's revision is `expected`.
+    pub async fn acquire(&self, me: &NodeId, expected: Revision) -> KvOutcome {
+        let mut h = HeaderMap::new();
+        Self::expect(&mut h, expected);
+        h.insert(header::NATS_MESSAGE_TTL, self.lease_ttl.as_str());
+        let out = self
+            .write(
+                format!("{}{LEASE_KEY}", self.control_prefix),
+                h,
+                self.lease_payload(me, None),
+            )
+            .await;
+        if matches!(out, KvOutcome::Written { .. }) {
+            Metrics::inc(&self.metrics.lease_acquisitions_total);
+        }
+        out
+    }
+
+    /// Rewrites the lease with a fresh TTL if its revision is `expected` (None: unconditionally,
+    /// which only the planted bug asks for).
+    pub async fn renew(&self, me: &NodeId, term: Term, expected: Option<Revision>) -> KvOutcome {
+        let mut h = HeaderMap::new();
+        if let Some(rev) = expected {
+            Self::expect(&mut h, rev);
+        }
+        h.insert(header::NATS_MESSAGE_TTL, self.lease_ttl.as_str());
+        let out = self
+            .write(
+                format!("{}{LEASE_KEY}", self.control_prefix),
+                h,
+                self.lease_payload(me, Some(term)),
+            )
+            .await;
+        match out {
+            KvOutcome::Written { .. } => Metrics::inc(&self.metrics.lease_renewals_total),
+            _ => Metrics::inc(&self.metrics.lease_renewal_failures_total),
+        }
+        out
+    }
+
+    /// Deletes the lease if its revision is `expected`.
+    pub async fn release(&self, expected: Revision) -> KvOutcome {
+        let mut h = HeaderMap::new();
+        Self::expect(&mut h, expected);
+        h.insert(KV_OPERATION, "DEL");
+        self.write(
+            format!("{}{LEASE_KEY}", self.control_prefix),
+            h,
+            Bytes::new(),
+        )
+        .await
+    }
+
+    /// Writes this node's membership record with the member TTL.
+    pub async fn put_member(&self, record: &MemberRecord) -> KvOutcome {
+        let mut h = HeaderMap::new();
+        h.insert(header::NATS_MESSAGE_TTL, self.member_ttl.as_str());
+        let out = self
+            .write(
+                format!("{}{}", self.nodes_prefix, record.id),
+                h,
+                Bytes::from(records::encode_member(record)),
+            )
+            .await;
+        if matches!(out, KvOutcome::Written { .. }) {
+            Metrics::inc(&self.metrics.heartbeats_total);
+        }
+        out
+    }
+
+    /// Deletes this node's membership key (graceful leave).
+    pub async fn delete_member(&self, me: &NodeId) -> KvOutcome {
+        let mut h = HeaderMap::new();
+        h.insert(KV_OPERATION, "DEL");
+        self.write(format!("{}{me}", self.nodes_prefix), h, Bytes::new())
+            .await
+    }
+
+    /// Writes the map, in one atomic batch with a renewal of the lease at `lease_revision` when
+    /// `fenced` (always, outside the planted bug): the server refuses both if either key moved.
+    pub async fn write_map(
+        &self,
+        me: &NodeId,
+        map: &ShardMap,
+        expected: Revision,
+        lease_revision: Revision,
+        fenced: bool,
+    ) -> MapOutcome {
+        let map_subject = format!("{}{MAP_KEY}", self.control_prefix);
+        let payload = Bytes::from(records::encode_map(map));
+        if !fenced {
+            let mut h = HeaderMap::new();
+            Self::expect(&mut h, expected);
+            return match self.write(map_subject, h, payload).await {
+                KvOutcome::Written { revision } => MapOutcome::Written {
+                    map_revision: revision,
+                    lease_revision,
+                },
+                KvOutcome::WrongRevision => MapOutcome::Refused,
+                KvOutcome::Failed => MapOutcome::Failed,
+            };
+        }
+        let n = self.batch_counter.fetch_add(1, Ordering::Relaxed);
+        let batch_id = format!("m{:x}{:x}", self.batch_nonce, n);
+
+        let mut first = HeaderMap::new();
+        Self::expect(&mut first, lease_revision);
+        first.insert(header::NATS_MESSAGE_TTL, self.lease_ttl.as_str());
+        first.insert(header::NATS_BATCH_ID, batch_id.as_str());
+        first.insert(header::NATS_BATCH_SEQUENCE, "1");
+        let lease_subject = format!("{}{LEASE_KEY}", self.control_prefix);
+        let lease = self.lease_payload(me, Some(map.term()));
+        if let Err(e) = self
+            .client
+            .publish_with_headers(lease_subject, first, lease)
+            .await
+        {
+            Metrics::inc(&self.metrics.map_write_failures_total);
+            warn!(error = %e, "map write: publishing the lease part failed");
+            return MapOutcome::Failed;
+        }
+        let mut last = HeaderMap::new();
+        Self::expect(&mut last, expected);
+        last.insert(header::NATS_BATCH_ID, batch_id.as_str());
+        last.insert(header::NATS_BATCH_SEQUENCE, "2");
+        last.insert(header::NATS_BATCH_COMMIT, "1");
+        match self.write(map_subject, last, payload).await {
+            // The batch is stored contiguously: the lease part sits just before the map.
+            KvOutcome::Written { revision } => {
+                Metrics::inc(&self.metrics.map_writes_total);
+                Metrics::inc(&self.metrics.lease_renewals_total);
+                MapOutcome::Written {
+                    map_revision: revision,
+                    lease_revision: Revision(revision.0.saturating_sub(1)),
+                }
+            }
+            KvOutcome::WrongRevision => {
+                Metrics::inc(&self.metrics.map_write_failures_total);
+                MapOutcome::Refused
+            }
+            KvOutcome::Failed => {
+                Metrics::inc(&self.metrics.map_write_failures_total);
+                MapOutcome::Failed
+            }
+        }
+    }
+}
