@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Quick start, step 1: installs what is missing and runs the main job.
-# For now the main job is the deterministic simulator over 1,000 seeds (`tessel sim`); pass
-# other `tessel sim` arguments to change it, e.g. `scripts/up.sh --seeds 5000`.
+# Quick start, step 1: installs what is missing (nats-server into .tools/) and runs the main job:
+# a local cluster — NATS with JetStream on free loopback ports and 3 tessel nodes — printing its
+# live status until Ctrl-C, which drains the nodes and stops everything it started.
+# Pass `tessel up` arguments to change it, e.g. `scripts/up.sh --nodes 5 --servers 3`.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-bash scripts/tools.sh >/dev/null
+TESSEL_NATS_SERVER="$(bash scripts/tools.sh)"
+export TESSEL_NATS_SERVER
 cargo build --release --locked -p node --bin tessel
-if [ "$#" -eq 0 ]; then set -- --seeds 1000; fi
-exec ./target/release/tessel sim "$@"
+exec ./target/release/tessel up "$@"

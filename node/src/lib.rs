@@ -12,6 +12,8 @@ pub mod config;
 pub mod connect;
 pub mod metrics;
 pub mod natsd;
+pub mod procs;
 pub mod records;
 pub mod runtime;
+pub mod status;
 pub mod store;

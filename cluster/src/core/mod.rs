@@ -735,7 +735,15 @@ impl Decider {
                 .s
                 .drain_started_ms
                 .is_some_and(|t| now >= t + cfg.drain_timeout_ms);
-            if self.s.hosted.is_empty() || timed_out {
+            // Nobody Active to hand the slots to (the whole cluster is shutting down): waiting
+            // would only delay the exit.
+            let me = &self.s.me;
+            let heir = self
+                .s
+                .members
+                .iter()
+                .any(|(id, m)| id != me && m.status == NodeStatus::Active);
+            if self.s.hosted.is_empty() || timed_out || !heir {
                 self.leave();
             }
         }

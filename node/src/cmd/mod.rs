@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 
 pub mod node;
 pub mod sim;
+pub mod status;
+pub mod up;
 
 /// tessel: a distributed actor-cluster runtime over NATS.
 #[derive(Parser, Debug)]
@@ -21,6 +23,10 @@ enum Command {
     Node(node::NodeArgs),
     /// Run the deterministic simulator over many seeds (or one).
     Sim(sim::SimArgs),
+    /// Print the cluster's status, read from its buckets.
+    Status(status::StatusArgs),
+    /// Start a local cluster: NATS server(s) and nodes, until Ctrl-C.
+    Up(up::UpArgs),
 }
 
 /// Parses the command line and runs the subcommand; the exit code is the subcommand's.
@@ -29,5 +35,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Node(args) => node::run(args),
         Command::Sim(args) => sim::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Up(args) => up::run(args),
     }
 }

@@ -1,0 +1,174 @@
+//! `tessel up`: a local cluster — NATS server(s) with JetStream on free loopback ports, data
+//! under `.tessel/`, and N nodes as child processes; prints the live status; on Ctrl-C (or after
+//! `--duration-s`) drains the nodes, stops the servers, and leaves no process behind.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::config::validate_cluster_name;
+use crate::metrics::Metrics;
+use crate::natsd::{NatsCluster, NatsOptions, find_nats_server};
+use crate::procs::{NodeProc, NodeSpec, current_binary};
+
+/// Arguments of `tessel up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// How many nodes.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+    nodes: u16,
+    /// How many NATS servers (1, or 3 for a replicated cluster).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=3))]
+    servers: u16,
+    /// The cluster name.
+    #[arg(long, default_value = "tessel")]
+    cluster: String,
+    /// Where data and logs go.
+    #[arg(long, default_value = ".tessel")]
+    dir: PathBuf,
+    /// Stop by itself after this many seconds (0: run until Ctrl-C).
+    #[arg(long, default_value_t = 0)]
+    duration_s: u64,
+    /// Seconds between status prints.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    status_every_s: u64,
+}
+
+/// Runs `tessel up`.
+pub fn run(args: UpArgs) -> ExitCode {
+    if let Err(e) = validate_cluster_name(&args.cluster) {
+        eprintln!("tessel up: {e}");
+        return ExitCode::from(2);
+    }
+    if args.servers == 2 {
+        eprintln!(
+            "tessel up: --servers must be 1 or 3 (two servers cannot keep a JetStream quorum through a failure)"
+        );
+        return ExitCode::from(2);
+    }
+    crate::cmd::node::init_tracing(crate::config::LogFormat::Text);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tessel up: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(up(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tessel up: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let binary = find_nats_server(true)?;
+    let dir = std::path::absolute(&args.dir)?;
+    let run_dir = dir.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&run_dir)?;
+    println!(
+        "tessel up: starting {} NATS server(s) and {} node(s); data and logs in {}",
+        args.servers,
+        args.nodes,
+        run_dir.display()
+    );
+    let mut nats = NatsCluster::start(
+        NatsOptions::new(run_dir.join("nats"), binary).with_servers(usize::from(args.servers)),
+    )
+    .await?;
+    let url = nats.url();
+    println!("tessel up: NATS at {url}");
+
+    let bin = current_binary()?;
+    let replicas = if args.servers >= 3 { "3" } else { "1" };
+    let mut nodes = Vec::new();
+    for i in 1..=args.nodes {
+        let id = format!("node-{i}");
+        let spec = NodeSpec {
+            bin: bin.clone(),
+            id: id.clone(),
+            nats: url.clone(),
+            cluster: args.cluster.clone(),
+            env: vec![("TESSEL_REPLICAS".into(), replicas.into())],
+            args: vec![],
+            log: run_dir.join(format!("{id}.log")),
+        };
+        nodes.push(NodeProc::spawn(spec)?);
+    }
+    println!(
+        "tessel up: nodes started; status below (also: tessel status --nats {url} --cluster {})",
+        args.cluster
+    );
+    println!("tessel up: press Ctrl-C to stop everything");
+
+    let client = crate::connect::connect(
+        &crate::config::NodeConfig {
+            nats_urls: crate::config::split_urls(&url),
+            ..Default::default()
+        },
+        "tessel-up",
+        Arc::new(Metrics::default()),
+    )
+    .await?;
+    let js = async_nats::jetstream::new(client);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let started = Instant::now();
+    let until = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
+    let mut every = tokio::time::interval(Duration::from_secs(args.status_every_s));
+    let mut last = String::new();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = every.tick() => {
+                match crate::status::read(&js, &args.cluster).await {
+                    Ok(s) => {
+                        let table = s.table();
+                        // Print when something other than the lease's countdown changed.
+                        let key = format!("{:?}{:?}{}{}", s.leader.as_ref().map(|l| (&l.node, l.term)), s.nodes, s.map_epoch, s.unowned_slots);
+                        if key != last {
+                            println!("--- {:.1}s{}", started.elapsed().as_secs_f64(), if s.settled() { "  (settled)" } else { "" });
+                            print!("{table}");
+                            last = key;
+                        }
+                    }
+                    Err(e) => println!("--- {:.1}s  waiting for the cluster: {e}", started.elapsed().as_secs_f64()),
+                }
+                for n in &mut nodes {
+                    if let Some(status) = n.exited() {
+                        println!("tessel up: {} exited ({status}); see {}", n.spec.id, n.log().display());
+                    }
+                }
+                if until.is_some_and(|u| Instant::now() >= u) {
+                    break;
+                }
+            }
+        }
+    }
+    println!("tessel up: stopping: draining the nodes");
+    let stops = nodes.iter_mut().map(|n| n.stop(Duration::from_secs(15)));
+    let results = futures::future::join_all(stops).await;
+    for (n, r) in nodes.iter().zip(results) {
+        match r {
+            Some(s) => println!("tessel up: {} exited ({s})", n.spec.id),
+            None => println!(
+                "tessel up: {} did not drain in time and was killed",
+                n.spec.id
+            ),
+        }
+    }
+    nats.stop().await?;
+    println!("tessel up: stopped; nothing left running");
+    Ok(())
+}
