@@ -5,7 +5,6 @@ use std::collections::BTreeMap;
 
 use async_nats::jetstream::kv;
 use cluster::SLOT_COUNT;
-use futures::StreamExt;
 use serde::Serialize;
 
 use crate::records;
@@ -189,22 +188,15 @@ pub async fn read(
         *counts.entry(o.clone()).or_insert(0) += 1;
     }
     let mut rows: BTreeMap<String, NodeStatusRow> = BTreeMap::new();
-    let mut keys = nodes
-        .keys()
+    let bucket = crate::store::nodes_bucket(cluster);
+    let (entries, _) = crate::store::list_entries(js, &nodes, &bucket, MAX_MEMBER_KEYS)
         .await
         .map_err(|e| err("the membership keys")(&e))?;
-    let mut n = 0;
-    while let Some(Ok(key)) = keys.next().await {
-        n += 1;
-        if n > MAX_MEMBER_KEYS {
-            break;
-        }
-        let Ok(Some(e)) = nodes.entry(&key).await else {
-            continue;
-        };
+    for e in entries {
         if e.operation != kv::Operation::Put {
             continue;
         }
+        let key = e.key.clone();
         if let Ok((_, info, r)) = records::parse_member(&e.value, &key, MAX_MEMBER_RECORD_BYTES) {
             rows.insert(
                 key.clone(),

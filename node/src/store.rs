@@ -27,6 +27,10 @@ pub const LEASE_KEY: &str = "leader";
 pub const MAP_KEY: &str = "map";
 /// How long the server keeps an expiry or delete marker (`subject_delete_marker_ttl`).
 pub const MARKER_TTL: Duration = Duration::from_secs(60);
+/// Timeout of the JetStream requests that create or bind the buckets.
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts at setting up the buckets before the node gives up.
+pub const SETUP_ATTEMPTS: u32 = 6;
 /// Largest membership record.
 pub const MAX_MEMBER_RECORD_BYTES: usize = 16 * 1024;
 /// Most membership keys read in one listing.
@@ -120,6 +124,48 @@ pub async fn ensure_bucket(
     Ok(store)
 }
 
+/// Reads every entry of a KV bucket without creating a consumer: the stream's subject list
+/// (from stream info), then a direct get of each key. Returns the entries and the stream's
+/// last sequence before the listing.
+pub async fn list_entries(
+    js: &jetstream::Context,
+    store: &kv::Store,
+    bucket: &str,
+    limit: usize,
+) -> Result<(Vec<kv::Entry>, u64), String> {
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let prefix = format!("$KV.{bucket}.");
+    let mut subjects = stream
+        .info_with_subjects(format!("{prefix}>"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let as_of = subjects.info.state.last_sequence;
+    let mut keys = Vec::new();
+    while let Some(item) = subjects.next().await {
+        let (subject, _) = item.map_err(|e| e.to_string())?;
+        if let Some(key) = subject.strip_prefix(&prefix) {
+            keys.push(key.to_string());
+        }
+        if keys.len() >= limit {
+            warn!(limit, bucket, "listing truncated");
+            break;
+        }
+    }
+    keys.sort();
+    let mut entries = Vec::with_capacity(keys.len());
+    for key in keys {
+        match store.entry(&key).await {
+            Ok(Some(e)) => entries.push(e),
+            Ok(None) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok((entries, as_of))
+}
+
 /// The buckets, and the requests the core's actions turn into.
 #[derive(Clone)]
 pub struct Store {
@@ -129,6 +175,7 @@ pub struct Store {
     nodes: kv::Store,
     control_prefix: String,
     nodes_prefix: String,
+    nodes_bucket: String,
     lease_ttl: String,
     member_ttl: String,
     lease_ttl_ms: u64,
@@ -178,6 +225,7 @@ impl Store {
             nodes,
             control_prefix: format!("$KV.{control_name}."),
             nodes_prefix: format!("$KV.{nodes_name}."),
+            nodes_bucket: nodes_name.clone(),
             lease_ttl: ttl_header(lease_ttl_ms),
             member_ttl: ttl_header(member_ttl_ms),
             lease_ttl_ms,
@@ -323,38 +371,20 @@ impl Store {
 
     /// Reads every membership record.
     pub async fn read_members(&self) -> Option<Input> {
-        let as_of = match self.nodes.status().await {
-            Ok(s) => s.info.state.last_sequence,
-            Err(err) => return self.kv_failed("membership status", &err),
-        };
-        let mut keys = match self.nodes.keys().await {
-            Ok(k) => k,
-            Err(err) => return self.kv_failed("membership keys", &err),
-        };
-        let mut entries = Vec::new();
-        let mut n = 0;
-        while let Some(key) = keys.next().await {
-            n += 1;
-            if n > MAX_MEMBER_KEYS {
-                warn!(limit = MAX_MEMBER_KEYS, "membership listing truncated");
-                break;
-            }
-            let Ok(key) = key else {
-                return self.kv_failed("membership keys", &"listing ended");
+        let (list, as_of) =
+            match list_entries(&self.js, &self.nodes, &self.nodes_bucket, MAX_MEMBER_KEYS).await {
+                Ok(v) => v,
+                Err(err) => return self.kv_failed("membership listing", &err),
             };
-            match self.nodes.entry(&key).await {
-                Ok(Some(e)) => {
-                    if let Some(Input::MemberSeen {
-                        node,
-                        record: Ok(info),
-                        revision,
-                    }) = self.member_input(&e)
-                    {
-                        entries.push((node, info, revision));
-                    }
-                }
-                Ok(None) => {}
-                Err(err) => return self.kv_failed("membership entry", &err),
+        let mut entries = Vec::new();
+        for e in &list {
+            if let Some(Input::MemberSeen {
+                node,
+                record: Ok(info),
+                revision,
+            }) = self.member_input(e)
+            {
+                entries.push((node, info, revision));
             }
         }
         Some(Input::MembersListed {

@@ -1,0 +1,302 @@
+//! Nodes on real NATS: election, failover, join, leave, a paused leader, a NATS server restart,
+//! garbage in the buckets, and bad credentials. Every test starts its own servers and nodes.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use async_nats::jetstream::kv::Operation;
+use common::{SETTLE, TestCluster, moved, slots_of};
+use futures::StreamExt;
+use nix::sys::signal::Signal;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn election_places_every_slot_balanced() {
+    let c = TestCluster::start(1, 3).await;
+    let (s, took) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    let mut counts: Vec<usize> = s.counts().values().copied().collect();
+    counts.sort();
+    assert_eq!(counts, vec![341, 341, 342]);
+    let (leader, term) = TestCluster::leader(&s);
+    assert!(term >= 1);
+    assert!(["n1", "n2", "n3"].contains(&leader.as_str()));
+    eprintln!("settled in {took:?}: leader {leader} term {term}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_fails_over_and_moves_exactly_its_slots() {
+    let mut c = TestCluster::start(1, 3).await;
+    let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    let (old, old_term) = TestCluster::leader(&before);
+    let lost = slots_of(&before, &old);
+    c.kill9(&old).await;
+    let rest: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != old)
+        .collect();
+    let (after, took) = c.wait_settled_on(&rest, SETTLE).await;
+    let (new, new_term) = TestCluster::leader(&after);
+    assert_ne!(new, old);
+    assert!(new_term > old_term, "term {new_term} after {old_term}");
+    // Exactly the dead node's slots moved, and nothing else.
+    assert_eq!(moved(&before, &after), lost.len());
+    for slot in lost {
+        assert_ne!(after.owners[slot].as_deref(), Some(old.as_str()));
+    }
+    eprintln!("failover after SIGKILL of the leader: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_follower_moves_exactly_its_slots() {
+    let mut c = TestCluster::start(1, 3).await;
+    let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    let (leader, term) = TestCluster::leader(&before);
+    let victim = ["n1", "n2", "n3"]
+        .into_iter()
+        .find(|n| *n != leader)
+        .unwrap();
+    let lost = slots_of(&before, victim).len();
+    c.kill9(victim).await;
+    let rest: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != victim)
+        .collect();
+    let (after, _) = c.wait_settled_on(&rest, SETTLE).await;
+    assert_eq!(
+        TestCluster::leader(&after),
+        (leader, term),
+        "the leader stays"
+    );
+    assert_eq!(moved(&before, &after), lost);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_moves_the_optimal_number_of_slots() {
+    let mut c = TestCluster::start(1, 3).await;
+    let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    c.spawn("n4");
+    let (after, took) = c.wait_settled_on(&["n1", "n2", "n3", "n4"], SETTLE).await;
+    // From 342/341/341 to 256 each: the lower bound is 1024 − 3·256 = 256 moves, all to n4.
+    assert_eq!(moved(&before, &after), 256);
+    assert_eq!(slots_of(&after, "n4").len(), 256);
+    eprintln!("rebalance on join settled in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_leave_hands_over_without_waiting_for_the_ttl() {
+    let mut c = TestCluster::start(1, 3).await;
+    let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    let (old, old_term) = TestCluster::leader(&before);
+    let control = c.js.get_key_value("tessel-control").await.unwrap();
+    let mut watch = control.watch("leader").await.unwrap();
+    c.signal(&old, Signal::SIGTERM);
+    // The lease is deleted (a tombstone), not left to expire (a marker), then taken over.
+    let mut ops = Vec::new();
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+        ops.push(e.operation);
+        if e.operation == Operation::Put {
+            break;
+        }
+    }
+    assert_eq!(
+        ops.first(),
+        Some(&Operation::Delete),
+        "ops on the lease: {ops:?}"
+    );
+    assert!(
+        !ops.contains(&Operation::Purge),
+        "the lease expired instead: {ops:?}"
+    );
+    let status = c
+        .nodes
+        .get_mut(&old)
+        .unwrap()
+        .wait_for(Duration::from_secs(20))
+        .await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{old} exited with {status:?}"
+    );
+    let rest: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != old)
+        .collect();
+    let (after, took) = c.wait_settled_on(&rest, SETTLE).await;
+    assert!(TestCluster::leader(&after).1 > old_term);
+    assert_eq!(moved(&before, &after), slots_of(&before, &old).len());
+    // Its membership key was deleted too.
+    let nodes = c.js.get_key_value("tessel-nodes").await.unwrap();
+    let e = nodes.entry(&old).await.unwrap();
+    assert!(
+        e.as_ref().is_none_or(|e| e.operation == Operation::Delete),
+        "{e:?}"
+    );
+    eprintln!("graceful handover settled in {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_cannot_write_and_steps_down() {
+    let c = TestCluster::start(1, 3).await;
+    let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    let (old, old_term) = TestCluster::leader(&before);
+    c.signal(&old, Signal::SIGSTOP);
+    let (during, _) = c
+        .wait_until("a new leader", SETTLE, |s| {
+            s.leader.as_ref().is_some_and(|l| l.term > old_term) && s.settled()
+        })
+        .await;
+    let (new, new_term) = TestCluster::leader(&during);
+    assert_ne!(new, old);
+    c.signal(&old, Signal::SIGCONT);
+    // Give the resumed node time to act on whatever it had queued.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (after, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    assert_eq!(
+        TestCluster::leader(&after),
+        (new.clone(), new_term),
+        "the old leader took nothing back"
+    );
+    assert_eq!(
+        after.map_term, new_term,
+        "every map since is of the new term"
+    );
+    let log = c.log(&old);
+    assert!(
+        log.contains("stopped acting as leader"),
+        "{old} never stepped down:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_server_cluster_survives_a_server_restart() {
+    let mut c = TestCluster::start(3, 3).await;
+    let (before, _) = c
+        .wait_settled_on(&["n1", "n2", "n3"], Duration::from_secs(60))
+        .await;
+    c.nats.kill(0).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    c.nats.restart(0).await.unwrap();
+    let (mid, _) = c
+        .wait_settled_on(&["n1", "n2", "n3"], Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        moved(&before, &mid),
+        0,
+        "no node failed, so no slot should have moved for good"
+    );
+    // And the cluster still heals: a node killed now is replaced.
+    c.kill9("n3").await;
+    let (after, _) = c
+        .wait_settled_on(&["n1", "n2"], Duration::from_secs(60))
+        .await;
+    assert_eq!(after.unowned_slots, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_in_the_buckets_is_ignored_and_healed() {
+    let c = TestCluster::start(1, 3).await;
+    let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    let control = c.js.get_key_value("tessel-control").await.unwrap();
+    let nodes = c.js.get_key_value("tessel-nodes").await.unwrap();
+    let short_map = serde_json::json!({"v": 1, "epoch": 99, "term": 1, "owners": vec!["n1"; 1000]});
+    let garbage_maps = [
+        b"{not json".to_vec(),
+        serde_json::to_vec(&short_map).unwrap(),
+        serde_json::to_vec(&serde_json::json!({"v": 2, "epoch": 1, "term": 1, "owners": []})).unwrap(),
+        serde_json::to_vec(&serde_json::json!({"v": 1, "epoch": 100, "term": 1, "owners": vec!["ghost"; 1024], "extra": true})).unwrap(),
+    ];
+    for g in garbage_maps {
+        control.put("map", g.into()).await.unwrap();
+    }
+    nodes
+        .put("n9", b"\x00\x01garbage".to_vec().into())
+        .await
+        .unwrap();
+    nodes.put("bad..key", b"{}".to_vec().into()).await.ok();
+    let (healed, _) = c
+        .wait_until("the leader to rewrite the map", SETTLE, |s| {
+            s.settled() && s.map_epoch > before.map_epoch && s.counts().len() == 3
+        })
+        .await;
+    assert!(
+        healed
+            .counts()
+            .keys()
+            .all(|k| ["n1", "n2", "n3"].contains(&k.as_str()))
+    );
+    // A lease with a huge term: no one may lead under it; it is replaced after one TTL.
+    let (_, term) = TestCluster::leader(&healed);
+    let huge = serde_json::json!({"v": 1, "node": "n1", "term": u64::MAX, "expires_at_ms": 0});
+    control
+        .put("leader", serde_json::to_vec(&huge).unwrap().into())
+        .await
+        .unwrap();
+    let (after, _) = c
+        .wait_until("a fresh lease", SETTLE, |s| {
+            s.settled() && s.leader.as_ref().is_some_and(|l| l.term > term)
+        })
+        .await;
+    assert_eq!(after.counts().len(), 3);
+    for id in ["n1", "n2", "n3"] {
+        assert!(c.nodes[id].pid().is_some(), "{id} died");
+    }
+    let logs: String = ["n1", "n2", "n3"].iter().map(|id| c.log(id)).collect();
+    assert!(
+        logs.contains("ignoring a bad record"),
+        "no bad record was reported"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_and_unreachable_servers_exit_with_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = tessel_node::natsd::NatsOptions::new(
+        dir.path(),
+        tessel_node::natsd::find_nats_server(true).unwrap(),
+    )
+    .with_auth("tessel", "s3cret");
+    let nats = tessel_node::natsd::NatsCluster::start(opts).await.unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args(["node", "--nats", &nats.url(), "--node-id", "x"])
+        .env("TESSEL_USER", "tessel")
+        .env("TESSEL_PASSWORD", "wrong")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("refused"),
+        "{out:?}"
+    );
+
+    let port = tessel_node::natsd::free_port().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args([
+            "node",
+            "--nats",
+            &format!("nats://127.0.0.1:{port}"),
+            "--node-id",
+            "x",
+        ])
+        .env("TESSEL_CONNECT_RETRY_FOR_MS", "1000")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unreachable"),
+        "{out:?}"
+    );
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args(["node", "--node-id", "bad id"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("node_id"),
+        "{out:?}"
+    );
+}

@@ -1,0 +1,106 @@
+//! Fencing at the server: a deposed leader's map write is refused by NATS itself, even when the
+//! map key has not moved, because the write is one atomic batch with a check of the lease.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::kv::Operation;
+use cluster::core::{KvOutcome, MapOutcome};
+use cluster::{Epoch, NodeId, Revision, SLOT_COUNT, ShardMap, Term};
+use tessel_node::metrics::Metrics;
+use tessel_node::natsd::{NatsCluster, NatsOptions, find_nats_server};
+use tessel_node::store::{LEASE_KEY, MAP_KEY, Store};
+
+fn map(epoch: u64, term: u64, owner: &NodeId) -> ShardMap {
+    ShardMap::new(
+        Epoch(epoch),
+        Term(term),
+        vec![Some(owner.clone()); SLOT_COUNT],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_map_write_is_refused_by_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(NatsOptions::new(
+        dir.path(),
+        find_nats_server(true).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let store = Store::open(
+        client,
+        "fence",
+        1,
+        Duration::from_secs(2),
+        1_000,
+        1_000,
+        256 * 1024,
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap();
+    let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+
+    // A acquires (term = the creating revision) and writes a map fenced by its lease.
+    let KvOutcome::Written { revision: t1 } = store.acquire(&a, Revision(0)).await else {
+        panic!("acquire")
+    };
+    let MapOutcome::Written {
+        map_revision,
+        lease_revision,
+    } = store
+        .write_map(&a, &map(1, t1.0, &a), Revision(0), t1, true)
+        .await
+    else {
+        panic!("first map write refused")
+    };
+    // The batch is stored contiguously: the lease part sits just below the map.
+    let lease_entry = store.control().entry(LEASE_KEY).await.unwrap().unwrap();
+    assert_eq!(lease_entry.revision, lease_revision.0);
+    assert_eq!(map_revision.0, lease_revision.0 + 1);
+
+    // A create that expects the key absent is refused while the lease lives.
+    assert_eq!(
+        store.acquire(&b, Revision(0)).await,
+        KvOutcome::WrongRevision
+    );
+
+    // A stalls; its lease expires at the server (TTL 1 s) and B takes over.
+    let started = Instant::now();
+    let marker = loop {
+        let e = store.control().entry(LEASE_KEY).await.unwrap().unwrap();
+        if e.operation == Operation::Purge {
+            break e.revision;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the lease never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let KvOutcome::Written { revision: t2 } = store.acquire(&b, Revision(marker)).await else {
+        panic!("B's acquire")
+    };
+    assert!(t2 > t1, "terms strictly increase: {t1:?} then {t2:?}");
+
+    // A wakes and writes with everything it knew: the map key has not moved since its own
+    // write, so only the lease check can refuse it — and the server does.
+    let stale = store
+        .write_map(&a, &map(2, t1.0, &a), map_revision, lease_revision, true)
+        .await;
+    assert_eq!(stale, MapOutcome::Refused);
+    let renew = store.renew(&a, Term(t1.0), Some(lease_revision)).await;
+    assert_eq!(renew, KvOutcome::WrongRevision);
+    let m = store.control().entry(MAP_KEY).await.unwrap().unwrap();
+    assert_eq!(m.revision, map_revision.0, "the map is untouched");
+
+    // B's own write over the same map revision goes through.
+    let ok = store
+        .write_map(&b, &map(2, t2.0, &b), map_revision, t2, true)
+        .await;
+    assert!(matches!(ok, MapOutcome::Written { .. }), "{ok:?}");
+}
