@@ -212,11 +212,41 @@ impl Store {
         let js = jetstream::ContextBuilder::new()
             .timeout(request_timeout)
             .build(client.clone());
+        // Creating replicated streams takes longer than a KV request may: set up with a longer
+        // timeout, retrying while the servers form their JetStream quorum.
+        let setup = jetstream::ContextBuilder::new()
+            .timeout(SETUP_TIMEOUT)
+            .build(client.clone());
         let control_name = control_bucket(cluster);
         let nodes_name = nodes_bucket(cluster);
-        let control = ensure_bucket(&js, &control_name, replicas, max_record_bytes, true).await?;
-        let nodes =
-            ensure_bucket(&js, &nodes_name, replicas, MAX_MEMBER_RECORD_BYTES, false).await?;
+        let mut attempt = 0;
+        let (control, nodes) = loop {
+            attempt += 1;
+            let both = async {
+                let c =
+                    ensure_bucket(&setup, &control_name, replicas, max_record_bytes, true).await?;
+                let n = ensure_bucket(
+                    &setup,
+                    &nodes_name,
+                    replicas,
+                    MAX_MEMBER_RECORD_BYTES,
+                    false,
+                )
+                .await?;
+                Ok::<_, StoreError>((c, n))
+            };
+            match both.await {
+                Ok(v) => break v,
+                Err(e) if attempt < SETUP_ATTEMPTS => {
+                    warn!(attempt, error = %e, "setting up the buckets failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        // Bind the buckets to the short-timeout context used by the lease's requests.
+        let control = js.get_key_value(&control_name).await.unwrap_or(control);
+        let nodes = js.get_key_value(&nodes_name).await.unwrap_or(nodes);
         let batch_nonce = wall_ms() ^ u64::from(std::process::id()).rotate_left(40);
         Ok(Store {
             client,
