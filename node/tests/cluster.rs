@@ -187,6 +187,12 @@ async fn a_three_server_cluster_survives_a_server_restart() {
         "after the server restart: settled in {took:?}, {} slots moved",
         moved(&before, &mid)
     );
+    // And the cluster still heals: a node killed now is replaced.
+    c.kill9("n3").await;
+    let (after, _) = c
+        .wait_settled_on(&["n1", "n2"], Duration::from_secs(60))
+        .await;
+    assert_eq!(after.unowned_slots, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
