@@ -383,11 +383,56 @@ fn perform(ctx: &NodeContext, me: &ActorRef<CoordMsg>, sup: &ActorRef<SupMsg>, a
         Action::StopSlots(set) => {
             let _ = sup.cast(SupMsg::StopSlots(set));
         }
-        Action::Announce(_) => {}
+        Action::Announce(ev) => {
+            if let Some(body) = announcement(&node, &ev) {
+                tokio::spawn(async move { store.announce(body).await });
+            }
+        }
         Action::Exit => {
             let _ = sup.cast(SupMsg::Exit(0));
         }
     }
+}
+
+/// The JSON of a topology event (see docs/nats-layout.md), or None for events not announced.
+pub fn announcement(node: &NodeId, ev: &Event) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let mut body = match ev {
+        Event::LeaderElected { term, .. } => json!({"type": "LeaderElected", "term": term.0}),
+        Event::LeadershipLost { term, reason } => {
+            json!({"type": "LeadershipLost", "term": term.0, "reason": format!("{reason:?}")})
+        }
+        Event::StatusChanged { from, to, .. } => {
+            json!({"type": "StatusChanged", "from": from.as_str(), "to": to.as_str()})
+        }
+        Event::MemberGone {
+            node: gone, status, ..
+        } => {
+            let kind = if *status == cluster::NodeStatus::Left {
+                "NodeLeft"
+            } else {
+                "NodeFailed"
+            };
+            json!({"type": kind, "member": gone.as_str()})
+        }
+        Event::MapProposed { write, .. } => {
+            let counts: BTreeMap<String, usize> = write
+                .proposal
+                .counts()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            json!({"type": "SlotsAssigned", "epoch": write.proposal.epoch().0,
+                   "term": write.proposal.term().0, "slots": counts})
+        }
+        _ => return None,
+    };
+    if let Some(o) = body.as_object_mut() {
+        o.insert("v".into(), json!(1));
+        o.insert("node".into(), json!(node.as_str()));
+        o.insert("at_ms".into(), json!(crate::store::wall_ms()));
+    }
+    Some(body)
 }
 
 /// Backoff between watch restarts.

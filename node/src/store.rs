@@ -38,6 +38,11 @@ pub const MAX_MEMBER_KEYS: usize = 4_096;
 
 const KV_OPERATION: &str = "KV-Operation";
 
+/// The subject of topology events.
+pub fn events_subject(cluster: &str) -> String {
+    format!("{cluster}.cluster.events")
+}
+
 /// The control bucket's name.
 pub fn control_bucket(cluster: &str) -> String {
     format!("{cluster}-control")
@@ -176,6 +181,7 @@ pub struct Store {
     control_prefix: String,
     nodes_prefix: String,
     nodes_bucket: String,
+    events_subject: String,
     lease_ttl: String,
     member_ttl: String,
     lease_ttl_ms: u64,
@@ -256,6 +262,7 @@ impl Store {
             control_prefix: format!("$KV.{control_name}."),
             nodes_prefix: format!("$KV.{nodes_name}."),
             nodes_bucket: nodes_name.clone(),
+            events_subject: events_subject(cluster),
             lease_ttl: ttl_header(lease_ttl_ms),
             member_ttl: ttl_header(member_ttl_ms),
             lease_ttl_ms,
@@ -279,6 +286,19 @@ impl Store {
     /// The JetStream context.
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// Publishes a topology event on `<c>.cluster.events` (core NATS: for observers; the
+    /// buckets remain the source of truth).
+    pub async fn announce(&self, body: serde_json::Value) {
+        let payload = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        if let Err(e) = self
+            .client
+            .publish(self.events_subject.clone(), payload)
+            .await
+        {
+            warn!(error = %e, "cannot publish a topology event");
+        }
     }
 
     fn bad_record(&self, what: &str, revision: u64, err: &records::RecordError) {

@@ -30,6 +30,7 @@ async fn killing_the_leader_fails_over_and_moves_exactly_its_slots() {
     let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
     let (old, old_term) = TestCluster::leader(&before);
     let lost = slots_of(&before, &old);
+    let mut events = c.client.subscribe("tessel.cluster.events").await.unwrap();
     c.kill9(&old).await;
     let rest: Vec<&str> = ["n1", "n2", "n3"]
         .into_iter()
@@ -44,6 +45,26 @@ async fn killing_the_leader_fails_over_and_moves_exactly_its_slots() {
     for slot in lost {
         assert_ne!(after.owners[slot].as_deref(), Some(old.as_str()));
     }
+    // Observers saw it on the topology subject.
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(3), events.next()).await {
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        seen.push(v);
+    }
+    assert!(
+        seen.iter()
+            .any(|v| v["type"] == "LeaderElected" && v["term"] == new_term),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|v| v["type"] == "NodeFailed" && v["member"] == old.as_str()),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(|v| v["type"] == "SlotsAssigned"),
+        "{seen:?}"
+    );
     eprintln!("failover after SIGKILL of the leader: {took:?}");
 }
 
