@@ -7,9 +7,11 @@
 //! and timer ticks into commands and performs the core's actions.
 //! **Boundary:** the only crate that knows subject strings, wire formats and the wall clock.
 
+pub mod bench;
 pub mod cmd;
 pub mod config;
 pub mod connect;
+pub mod localcluster;
 pub mod metrics;
 pub mod natsd;
 pub mod procs;

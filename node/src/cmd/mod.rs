@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod node;
 pub mod sim;
 pub mod status;
@@ -19,6 +20,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the benchmarks and print measured figures against their baselines.
+    Bench(bench::BenchArgs),
     /// Run one cluster node.
     Node(node::NodeArgs),
     /// Run the deterministic simulator over many seeds (or one).
@@ -33,6 +36,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Bench(args) => bench::run(args),
         Command::Node(args) => node::run(args),
         Command::Sim(args) => sim::run(args),
         Command::Status(args) => status::run(args),

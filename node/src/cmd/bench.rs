@@ -1,0 +1,69 @@
+//! `tessel bench`: runs the benchmarks and prints a table (and JSON with `--json FILE`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::bench::{self, BenchReport};
+
+/// Arguments of `tessel bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Fewer trials, for a quick look.
+    #[arg(long)]
+    quick: bool,
+    /// Trials per figure (default 20, or 5 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    trials: Option<u64>,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Where the temporary cluster keeps its data and logs.
+    #[arg(long, default_value = ".tessel/bench")]
+    dir: PathBuf,
+}
+
+/// Runs `tessel bench`.
+pub fn run(args: BenchArgs) -> ExitCode {
+    crate::cmd::node::init_tracing(crate::config::LogFormat::Text);
+    let trials = args.trials.unwrap_or(if args.quick { 5 } else { 20 }) as usize;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tessel bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let bin = std::env::current_exe()?;
+        let dir = std::path::absolute(&args.dir)?.join(format!("run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let results = bench::cluster(&bin, &dir, trials).await?;
+        anyhow::Ok(BenchReport {
+            machine: bench::machine(),
+            results,
+        })
+    });
+    match result {
+        Ok(report) => {
+            print!("{}", report.table());
+            if let Some(path) = &args.json {
+                let text = serde_json::to_string_pretty(&report).unwrap_or_default();
+                if let Err(e) = std::fs::write(path, text) {
+                    eprintln!("tessel bench: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tessel bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! A local cluster of real processes — NATS server(s) and `tessel node`s — observed through
+//! the buckets. Used by the integration tests, the benchmarks and the chaos harness.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+
+use crate::natsd::{NatsCluster, NatsOptions, find_nats_server};
+use crate::procs::{NodeProc, NodeSpec};
+use crate::status::{self, ClusterStatus};
+
+/// Servers, nodes, and a client to watch them.
+pub struct LocalCluster {
+    /// The NATS servers.
+    pub nats: NatsCluster,
+    /// The nodes by id.
+    pub nodes: BTreeMap<String, NodeProc>,
+    /// Where logs and data go.
+    pub dir: PathBuf,
+    /// A JetStream context for observing.
+    pub js: async_nats::jetstream::Context,
+    /// A plain client for observing.
+    pub client: async_nats::Client,
+    /// The cluster name.
+    pub cluster: String,
+    /// Environment given to every node.
+    pub env: Vec<(String, String)>,
+    /// The `tessel` binary.
+    pub bin: PathBuf,
+}
+
+impl LocalCluster {
+    /// Starts `servers` NATS servers under `dir` and `nodes` nodes named `n1`, `n2`, ….
+    pub async fn start(
+        dir: &Path,
+        bin: &Path,
+        servers: usize,
+        nodes: usize,
+        mut env: Vec<(String, String)>,
+    ) -> anyhow::Result<LocalCluster> {
+        let binary = find_nats_server(true)?;
+        let nats =
+            NatsCluster::start(NatsOptions::new(dir.join("nats"), binary).with_servers(servers))
+                .await?;
+        let client = async_nats::ConnectOptions::new()
+            .connect(nats.urls())
+            .await?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build(client.clone());
+        env.push((
+            "TESSEL_REPLICAS".into(),
+            if servers >= 3 { "3" } else { "1" }.into(),
+        ));
+        let mut c = LocalCluster {
+            nats,
+            nodes: BTreeMap::new(),
+            dir: dir.to_path_buf(),
+            js,
+            client,
+            cluster: "tessel".into(),
+            env,
+            bin: bin.to_path_buf(),
+        };
+        for i in 1..=nodes {
+            c.spawn(&format!("n{i}"))?;
+        }
+        Ok(c)
+    }
+
+    /// Starts (or restarts) a node.
+    pub fn spawn(&mut self, id: &str) -> std::io::Result<()> {
+        let spec = NodeSpec {
+            bin: self.bin.clone(),
+            id: id.into(),
+            nats: self.nats.url(),
+            cluster: self.cluster.clone(),
+            env: self.env.clone(),
+            args: vec![],
+            log: self.dir.join(format!("{id}.log")),
+        };
+        self.nodes.insert(id.into(), NodeProc::spawn(spec)?);
+        Ok(())
+    }
+
+    /// The status, if it can be read.
+    pub async fn status(&self) -> Option<ClusterStatus> {
+        status::read(&self.js, &self.cluster).await.ok()
+    }
+
+    /// Polls every `poll` until `pred` holds; the error carries the last status and the tails
+    /// of the node logs.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        limit: Duration,
+        poll: Duration,
+        pred: impl Fn(&ClusterStatus) -> bool,
+    ) -> anyhow::Result<(ClusterStatus, Duration)> {
+        let started = Instant::now();
+        let mut last = None;
+        while started.elapsed() < limit {
+            if let Some(s) = self.status().await {
+                if pred(&s) {
+                    return Ok((s, started.elapsed()));
+                }
+                last = Some(s);
+            }
+            tokio::time::sleep(poll).await;
+        }
+        let mut logs = String::new();
+        for (id, n) in &self.nodes {
+            let text = std::fs::read_to_string(n.log()).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(15).collect();
+            logs.push_str(&format!(
+                "--- {id}\n{}\n",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            ));
+        }
+        anyhow::bail!(
+            "timed out after {limit:?} waiting for {what}; last status: {last:#?}\n{logs}"
+        )
+    }
+
+    /// Waits until the cluster is settled with exactly these nodes owning slots.
+    pub async fn wait_settled_on(
+        &self,
+        ids: &[&str],
+        limit: Duration,
+        poll: Duration,
+    ) -> anyhow::Result<(ClusterStatus, Duration)> {
+        let want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+        self.wait_until(&format!("settled on {want:?}"), limit, poll, |s| {
+            let owners: Vec<String> = s.counts().keys().cloned().collect();
+            s.settled() && owners == want
+        })
+        .await
+    }
+
+    /// Sends a signal to a node; false if it is not running.
+    pub fn signal(&self, id: &str, sig: Signal) -> bool {
+        self.nodes.get(id).is_some_and(|n| n.signal(sig))
+    }
+
+    /// SIGKILL a node and reap it.
+    pub async fn kill9(&mut self, id: &str) {
+        if let Some(n) = self.nodes.get_mut(id) {
+            n.kill9().await;
+        }
+    }
+
+    /// A node's log.
+    pub fn log(&self, id: &str) -> String {
+        self.nodes
+            .get(id)
+            .map(|n| std::fs::read_to_string(n.log()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Stops every node (SIGTERM, then SIGKILL) and the servers.
+    pub async fn shutdown(&mut self) {
+        let stops = self
+            .nodes
+            .values_mut()
+            .map(|n| n.stop(Duration::from_secs(10)));
+        futures::future::join_all(stops).await;
+        let _ = self.nats.stop().await;
+    }
+}
+
+/// The leader's id and term of a status (None without a leader).
+pub fn leader(s: &ClusterStatus) -> Option<(String, u64)> {
+    s.leader.as_ref().map(|l| (l.node.clone(), l.term))
+}
+
+/// Slots whose owner differs between two statuses.
+pub fn moved(a: &ClusterStatus, b: &ClusterStatus) -> usize {
+    a.owners
+        .iter()
+        .zip(&b.owners)
+        .filter(|(x, y)| x != y)
+        .count()
+}
+
+/// The slots a node owns.
+pub fn slots_of(s: &ClusterStatus, id: &str) -> Vec<usize> {
+    s.owners
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.as_deref() == Some(id))
+        .map(|(i, _)| i)
+        .collect()
+}
