@@ -607,9 +607,10 @@ impl Actor for NodeSupervisor {
         match msg {
             SupMsg::StartSlots(set) => {
                 for slot in set.iter() {
-                    if !st.slots.contains_key(&slot.get()) {
-                        let host = spawn_slot(&me, slot).await?;
-                        st.slots.insert(slot.get(), host);
+                    if let std::collections::btree_map::Entry::Vacant(e) =
+                        st.slots.entry(slot.get())
+                    {
+                        e.insert(spawn_slot(&me, slot).await?);
                         Metrics::inc(&st.ctx.metrics.slot_hosts_started_total);
                     }
                 }
