@@ -11,6 +11,7 @@ pub mod bench;
 pub mod cmd;
 pub mod config;
 pub mod connect;
+pub mod http;
 pub mod localcluster;
 pub mod metrics;
 pub mod natsd;

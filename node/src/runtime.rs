@@ -79,7 +79,7 @@ pub struct NodeContext {
 }
 
 /// A summary of one node's state, for status pages and tests.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NodeView {
     /// Its status.
     pub status: String,
@@ -91,6 +91,52 @@ pub struct NodeView {
     pub map_epoch: u64,
     /// Slots it hosts.
     pub slots: usize,
+}
+
+/// A running node: its supervision tree and what it exposes.
+pub struct RunningNode {
+    /// The root of the tree.
+    pub supervisor: ActorRef<SupMsg>,
+    /// Completes when the tree has stopped.
+    pub handle: tokio::task::JoinHandle<()>,
+    /// Becomes `Some(code)` when the node should exit.
+    pub exit: watch::Receiver<Option<i32>>,
+    /// The node's view, updated after every command.
+    pub view: watch::Receiver<NodeView>,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Starts the supervision tree of one node over an open store.
+pub async fn start(
+    cfg: NodeConfig,
+    me: NodeId,
+    weight: Weight,
+    store: Store,
+    metrics: Arc<Metrics>,
+    record: MemberRecord,
+) -> Result<RunningNode, ractor::SpawnErr> {
+    let (view_tx, view) = watch::channel(NodeView::default());
+    let clock = Clock::new(cfg.clock_offset_ms);
+    let ctx = NodeContext {
+        cfg,
+        me,
+        weight,
+        store,
+        metrics: metrics.clone(),
+        clock,
+        record,
+        view: Arc::new(view_tx),
+    };
+    let (exit_tx, exit) = watch::channel(None);
+    let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, (ctx, Arc::new(exit_tx))).await?;
+    Ok(RunningNode {
+        supervisor,
+        handle,
+        exit,
+        view,
+        metrics,
+    })
 }
 
 // ---- SlotHost ----------------------------------------------------------------------------
@@ -512,6 +558,8 @@ pub enum SupMsg {
     Drain,
     /// Stop the node with this exit code.
     Exit(i32),
+    /// Answers with the current coordinator (tests use it to inject failures).
+    Coordinator(ractor::RpcReplyPort<Option<ActorRef<CoordMsg>>>),
 }
 
 /// The root of the tree.
@@ -627,6 +675,9 @@ impl Actor for NodeSupervisor {
                 if let Some(c) = &st.coordinator {
                     let _ = c.cast(CoordMsg::Drain);
                 }
+            }
+            SupMsg::Coordinator(reply) => {
+                let _ = reply.send(st.coordinator.clone());
             }
             SupMsg::Exit(code) => {
                 st.exiting = true;

@@ -6,16 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use ractor::Actor;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::config::{LogFormat, NodeConfig, split_urls};
 use crate::connect::connect;
 use crate::metrics::Metrics;
 use crate::records::{MemberRecord, SCHEMA_VERSION, device_records};
-use crate::runtime::{Clock, NodeContext, NodeSupervisor, NodeView, SupMsg};
+use crate::runtime::SupMsg;
 use crate::store::{Store, wall_ms};
 
 /// Exit code for a configuration that does not validate.
@@ -160,24 +158,46 @@ async fn serve(cfg: NodeConfig) -> i32 {
         addr: cfg.http.clone(),
         started_at_ms: wall_ms(),
     };
-    let (view, _) = watch::channel(NodeView::default());
-    let ctx = NodeContext {
-        cfg: cfg.clone(),
-        me: me.clone(),
+    let running = match crate::runtime::start(
+        cfg.clone(),
+        me.clone(),
         weight,
         store,
         metrics,
-        clock: Clock::new(cfg.clock_offset_ms),
         record,
-        view: Arc::new(view),
-    };
-    let (exit_tx, mut exit_rx) = watch::channel(None);
-    let (sup, handle) = match Actor::spawn(None, NodeSupervisor, (ctx, Arc::new(exit_tx))).await {
-        Ok(v) => v,
+    )
+    .await
+    {
+        Ok(r) => r,
         Err(e) => {
             error!("cannot start the supervision tree: {e}");
             return 1;
         }
+    };
+    let crate::runtime::RunningNode {
+        supervisor: sup,
+        handle,
+        exit: mut exit_rx,
+        view,
+        metrics,
+    } = running;
+    let _http = match &cfg.http {
+        Some(addr) => {
+            let state = crate::http::HttpState {
+                node: me.to_string(),
+                metrics,
+                view,
+            };
+            match crate::http::serve(addr, state).await {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    error!(%addr, "cannot serve HTTP: {e}");
+                    sup.stop(None);
+                    return i32::from(EXIT_CONFIG);
+                }
+            }
+        }
+        None => None,
     };
     info!(node = %me, cluster = %cfg.cluster, "node running");
 
