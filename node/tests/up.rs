@@ -1,0 +1,50 @@
+//! `tessel up`, the README's main job: starts NATS and three nodes, shows a settled status,
+//! stops everything it started.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::process::Command;
+
+#[test]
+fn up_starts_a_settled_three_node_cluster_and_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args(["up", "--duration-s", "6", "--status-every-s", "1", "--dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(text.contains("(settled)"), "{text}");
+    let settled = text.split("(settled)").nth(1).unwrap();
+    for n in ["node-1", "node-2", "node-3"] {
+        assert!(
+            settled
+                .lines()
+                .any(|l| l.starts_with(n) && l.contains("Active")),
+            "{n} not Active:\n{text}"
+        );
+    }
+    assert!(text.contains("unowned slots 0"), "{text}");
+    for n in ["node-1", "node-2", "node-3"] {
+        assert!(
+            text.contains(&format!("{n} exited (exit status: 0)")),
+            "{n} did not drain cleanly:\n{text}"
+        );
+    }
+    assert!(text.contains("nothing left running"), "{text}");
+    // No process of this run is left: the data directory's servers and nodes are gone.
+    let ps = Command::new("ps").args(["-eo", "args"]).output().unwrap();
+    let ps = String::from_utf8_lossy(&ps.stdout);
+    let url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tessel up: NATS at "))
+        .unwrap()
+        .trim();
+    let marker = dir.path().to_string_lossy();
+    let left: Vec<&str> = ps
+        .lines()
+        .filter(|l| l.contains(marker.as_ref()) || l.contains(url))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
