@@ -133,7 +133,16 @@ fn realise(s: &State, r: &Raw, kv_revision: &mut u64) -> Input {
                     r.b % 8
                 };
                 let pattern: Vec<u8> = if r.plausible {
-                    r.owners.iter().map(|o| o % POOL as u8).collect()
+                    // Owners a leader could have chosen: registered members (or this node).
+                    let known: Vec<u8> = (0..POOL as u8)
+                        .filter(|i| {
+                            s.members.contains_key(&id(*i as usize)) || id(*i as usize) == s.me
+                        })
+                        .collect();
+                    r.owners
+                        .iter()
+                        .map(|o| known[*o as usize % known.len()])
+                        .collect()
                 } else {
                     r.owners.clone()
                 };
@@ -332,6 +341,22 @@ fn the_term_rule_refuses_stale_maps() {
         },
     )
     .unwrap();
+    let n1 = Input::MemberSeen {
+        node: id(1),
+        record: Ok(MemberInfo {
+            status: NodeStatus::Active,
+            weight: Weight::ONE,
+        }),
+        revision: Revision(1),
+    };
+    core::step(
+        &mut s,
+        &Command {
+            now_ms: 0,
+            input: n1,
+        },
+    )
+    .unwrap();
     let lease = LeaseEntry {
         holder: id(1),
         term: Term(10),
@@ -384,8 +409,37 @@ fn the_term_rule_refuses_stale_maps() {
             },
         },
     );
+    let stranger = map_of(5, 10, &[4]);
+    let refused_stranger = core::decide(
+        &s,
+        &Command {
+            now_ms: 2,
+            input: Input::MapSeen {
+                map: Some(stranger),
+                revision: Revision(13),
+            },
+        },
+    );
+    assert!(
+        matches!(refused_stranger, Err(core::Rejection::UnknownOwner(_))),
+        "{refused_stranger:?}"
+    );
     assert!(
         matches!(refused, Err(core::Rejection::IncompleteMap { .. })),
+        "{refused:?}"
+    );
+    // A map naming a node that never registered is not adopted.
+    let stranger = map_of(5, 10, &[4]);
+    let cmd = Command {
+        now_ms: 2,
+        input: Input::MapSeen {
+            map: Some(stranger),
+            revision: Revision(13),
+        },
+    };
+    let refused = core::decide(&s, &cmd);
+    assert!(
+        matches!(refused, Err(core::Rejection::UnknownOwner(_))),
         "{refused:?}"
     );
 }

@@ -460,6 +460,15 @@ impl Decider {
         if map.term().0 > revision.0 {
             return Err(Rejection::Inconsistent("map term above the key's revision"));
         }
+        let me = &self.s.me;
+        if let Some(o) = map
+            .owners()
+            .iter()
+            .flatten()
+            .find(|o| *o != me && !self.s.members.contains_key(*o))
+        {
+            return Err(Rejection::UnknownOwner(o.clone()));
+        }
         if map.epoch().0 > 0 && map.unowned() > 0 {
             return Err(Rejection::IncompleteMap {
                 epoch: map.epoch(),

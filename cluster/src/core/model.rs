@@ -613,6 +613,10 @@ pub enum Rejection {
     /// lease term that falls inside the adopted map's lifetime under a lower term).
     #[error("inconsistent record: {0}")]
     Inconsistent(&'static str),
+    /// A map that names a node this node has never seen register: not written by a leader
+    /// of this cluster (a leader places slots only on members it has seen Active).
+    #[error("map names {0}, which never registered")]
+    UnknownOwner(NodeId),
     /// A new member would exceed `max_members`.
     #[error("more than {0} members")]
     TooManyMembers(usize),
