@@ -227,7 +227,9 @@ async fn garbage_in_the_buckets_is_ignored_and_healed() {
         b"{not json".to_vec(),
         serde_json::to_vec(&short_map).unwrap(),
         serde_json::to_vec(&serde_json::json!({"v": 2, "epoch": 1, "term": 1, "owners": []})).unwrap(),
-        serde_json::to_vec(&serde_json::json!({"v": 1, "epoch": 100, "term": 1, "owners": vec!["ghost"; 1024], "extra": true})).unwrap(),
+        serde_json::to_vec(&serde_json::json!({"v": 1, "epoch": 100, "term": 1, "owners": vec!["n1"; 1024], "extra": true})).unwrap(),
+        // Well-formed, current term, but naming a node that never registered.
+        serde_json::to_vec(&serde_json::json!({"v": 1, "epoch": 200, "term": before.map_term, "owners": vec!["ghost"; 1024]})).unwrap(),
     ];
     for g in garbage_maps {
         control.put("map", g.into()).await.unwrap();
@@ -268,6 +270,10 @@ async fn garbage_in_the_buckets_is_ignored_and_healed() {
     assert!(
         logs.contains("ignoring a bad record"),
         "no bad record was reported"
+    );
+    assert!(
+        !logs.contains("epoch=100") && !logs.contains("epoch=200"),
+        "a garbage map was adopted"
     );
 }
 
