@@ -328,6 +328,13 @@ fn nothing_happens_before_start() {
     }
 }
 
+fn adopts(r: &Result<Vec<core::Event>, core::Rejection>) -> bool {
+    r.as_ref().is_ok_and(|evs| {
+        evs.iter()
+            .any(|e| matches!(e, core::Event::MapAdopted { .. }))
+    })
+}
+
 /// A map of a lower term written after a higher term began is refused (the term rule); one
 /// written before it is accepted.
 #[test]
@@ -383,10 +390,7 @@ fn the_term_rule_refuses_stale_maps() {
             },
         },
     );
-    assert!(
-        matches!(refused, Err(core::Rejection::StaleTerm { .. })),
-        "{refused:?}"
-    );
+    assert!(!adopts(&refused), "{refused:?}");
     let before = core::decide(
         &s,
         &Command {
@@ -397,7 +401,7 @@ fn the_term_rule_refuses_stale_maps() {
             },
         },
     );
-    assert!(before.is_ok(), "{before:?}");
+    assert!(adopts(&before), "{before:?}");
     let incomplete = map_of(4, 10, &[1, 7]);
     let refused = core::decide(
         &s,
@@ -420,14 +424,8 @@ fn the_term_rule_refuses_stale_maps() {
             },
         },
     );
-    assert!(
-        matches!(refused_stranger, Err(core::Rejection::UnknownOwner(_))),
-        "{refused_stranger:?}"
-    );
-    assert!(
-        matches!(refused, Err(core::Rejection::IncompleteMap { .. })),
-        "{refused:?}"
-    );
+    assert!(!adopts(&refused_stranger), "{refused_stranger:?}");
+    assert!(!adopts(&refused), "{refused:?}");
     // A map naming a node that never registered is not adopted.
     let stranger = map_of(5, 10, &[4]);
     let cmd = Command {
@@ -438,8 +436,5 @@ fn the_term_rule_refuses_stale_maps() {
         },
     };
     let refused = core::decide(&s, &cmd);
-    assert!(
-        matches!(refused, Err(core::Rejection::UnknownOwner(_))),
-        "{refused:?}"
-    );
+    assert!(!adopts(&refused), "{refused:?}");
 }

@@ -426,7 +426,23 @@ impl Decider {
             }
             return Ok(());
         };
-        self.check_adoptable(map, revision)?;
+        if let Err(refused) = self.check_adoptable(map, revision) {
+            // A newer record that cannot be adopted (hostile, malformed, or naming nodes never
+            // seen) still moves the key: a leader must know its revision to write over it.
+            if revision <= self.s.map_key_revision || matches!(refused, Rejection::Stale { .. }) {
+                return Err(refused);
+            }
+            self.emit(Event::MapKeyMoved { revision });
+            // A map naming nodes not yet listed may be fine once the members are read: only
+            // then does it count as read.
+            let wait = matches!(refused, Rejection::UnknownOwner(_)) && !self.s.synced.members;
+            if !self.s.synced.map && !wait {
+                self.emit(Event::Synced {
+                    part: SyncPart::Map,
+                });
+            }
+            return Ok(());
+        }
         if let Some(l) = self.s.leadership
             && map.term() > l.term
         {
