@@ -84,35 +84,39 @@ pub async fn ensure_bucket(
     max_value_bytes: usize,
     atomic: bool,
 ) -> Result<kv::Store, StoreError> {
-    let store = match js.get_key_value(bucket).await {
-        Ok(store) => store,
-        Err(_) => {
-            let config = kv::Config {
-                bucket: bucket.to_string(),
-                history: 1,
-                num_replicas: replicas,
-                storage: jetstream::stream::StorageType::File,
-                max_value_size: i32::try_from(max_value_bytes).unwrap_or(i32::MAX),
-                limit_markers: Some(MARKER_TTL),
-                ..Default::default()
-            };
-            match js.create_key_value(config).await {
-                Ok(store) => store,
-                // Another node created it in between.
-                Err(_) => js
-                    .get_key_value(bucket)
-                    .await
-                    .map_err(|e| js_err(format!("bind bucket {bucket}"))(&e))?,
-            }
-        }
+    let name = format!("KV_{bucket}");
+    // The stream a KV bucket is, created in one step with every flag it needs (a later
+    // update_stream races with the other nodes creating it and can stall for seconds).
+    let config = stream::Config {
+        name: name.clone(),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::New,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_message_size: i32::try_from(max_value_bytes).unwrap_or(i32::MAX),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        allow_message_ttl: true,
+        subject_delete_marker_ttl: Some(MARKER_TTL),
+        allow_atomic_publish: atomic,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let mut existing = match js.get_stream(&name).await {
+        Ok(s) => s,
+        Err(_) => match js.create_stream(config.clone()).await {
+            Ok(s) => s,
+            // Another node created it in between.
+            Err(_) => js
+                .get_stream(&name)
+                .await
+                .map_err(|e| js_err(format!("stream {name}"))(&e))?,
+        },
     };
     if atomic {
-        let name = format!("KV_{bucket}");
-        let mut s = js
-            .get_stream(&name)
-            .await
-            .map_err(|e| js_err(format!("stream {name}"))(&e))?;
-        let info = s
+        let info = existing
             .info()
             .await
             .map_err(|e| js_err(format!("stream info {name}"))(&e))?;
@@ -126,6 +130,10 @@ pub async fn ensure_bucket(
                 .map_err(|e| js_err(format!("enable atomic batches on {name}"))(&e))?;
         }
     }
+    let store = js
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| js_err(format!("bind bucket {bucket}"))(&e))?;
     Ok(store)
 }
 

@@ -11,9 +11,8 @@ use common::{SETTLE, TestCluster, moved, slots_of};
 use futures::StreamExt;
 use nix::sys::signal::Signal;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn election_places_every_slot_balanced() {
-    let c = TestCluster::start(1, 3).await;
+async fn election_places_every_slot_balanced(servers: usize) {
+    let c = TestCluster::start(servers, 3).await;
     let (s, took) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
     let mut counts: Vec<usize> = s.counts().values().copied().collect();
     counts.sort();
@@ -24,9 +23,8 @@ async fn election_places_every_slot_balanced() {
     eprintln!("settled in {took:?}: leader {leader} term {term}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_leader_fails_over_and_moves_exactly_its_slots() {
-    let mut c = TestCluster::start(1, 3).await;
+async fn killing_the_leader_fails_over_and_moves_exactly_its_slots(servers: usize) {
+    let mut c = TestCluster::start(servers, 3).await;
     let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
     let (old, old_term) = TestCluster::leader(&before);
     let lost = slots_of(&before, &old);
@@ -56,9 +54,11 @@ async fn killing_the_leader_fails_over_and_moves_exactly_its_slots() {
             .any(|v| v["type"] == "LeaderElected" && v["term"] == new_term),
         "{seen:?}"
     );
+    // (NodeFailed is announced by a leader; when the member key expires before the new leader
+    // is elected, nobody announces it. The new assignment without the dead node always is.)
     assert!(
         seen.iter()
-            .any(|v| v["type"] == "NodeFailed" && v["member"] == old.as_str()),
+            .any(|v| v["type"] == "SlotsAssigned" && v["slots"].get(old.as_str()).is_none()),
         "{seen:?}"
     );
     assert!(
@@ -68,9 +68,8 @@ async fn killing_the_leader_fails_over_and_moves_exactly_its_slots() {
     eprintln!("failover after SIGKILL of the leader: {took:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_a_follower_moves_exactly_its_slots() {
-    let mut c = TestCluster::start(1, 3).await;
+async fn killing_a_follower_moves_exactly_its_slots(servers: usize) {
+    let mut c = TestCluster::start(servers, 3).await;
     let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
     let (leader, term) = TestCluster::leader(&before);
     let victim = ["n1", "n2", "n3"]
@@ -92,9 +91,8 @@ async fn killing_a_follower_moves_exactly_its_slots() {
     assert_eq!(moved(&before, &after), lost);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_join_moves_the_optimal_number_of_slots() {
-    let mut c = TestCluster::start(1, 3).await;
+async fn a_join_moves_the_optimal_number_of_slots(servers: usize) {
+    let mut c = TestCluster::start(servers, 3).await;
     let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
     c.spawn("n4");
     let (after, took) = c.wait_settled_on(&["n1", "n2", "n3", "n4"], SETTLE).await;
@@ -104,9 +102,8 @@ async fn a_join_moves_the_optimal_number_of_slots() {
     eprintln!("rebalance on join settled in {took:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_graceful_leave_hands_over_without_waiting_for_the_ttl() {
-    let mut c = TestCluster::start(1, 3).await;
+async fn a_graceful_leave_hands_over_without_waiting_for_the_ttl(servers: usize) {
+    let mut c = TestCluster::start(servers, 3).await;
     let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
     let (old, old_term) = TestCluster::leader(&before);
     let control = c.js.get_key_value("tessel-control").await.unwrap();
@@ -156,9 +153,8 @@ async fn a_graceful_leave_hands_over_without_waiting_for_the_ttl() {
     eprintln!("graceful handover settled in {took:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_leader_cannot_write_and_steps_down() {
-    let c = TestCluster::start(1, 3).await;
+async fn a_paused_leader_cannot_write_and_steps_down(servers: usize) {
+    let c = TestCluster::start(servers, 3).await;
     let (before, _) = c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
     let (old, old_term) = TestCluster::leader(&before);
     c.signal(&old, Signal::SIGSTOP);
@@ -329,3 +325,30 @@ async fn wrong_credentials_and_unreachable_servers_exit_with_clear_errors() {
         "{out:?}"
     );
 }
+
+/// Each scenario runs against one server and against a 3-server cluster with replicated buckets.
+macro_rules! on_one_and_three_servers {
+    ($($name:ident),*) => {
+        mod one_server {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(1).await
+            })*
+        }
+        mod three_servers {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name(3).await
+            })*
+        }
+    };
+}
+
+on_one_and_three_servers!(
+    election_places_every_slot_balanced,
+    killing_the_leader_fails_over_and_moves_exactly_its_slots,
+    killing_a_follower_moves_exactly_its_slots,
+    a_join_moves_the_optimal_number_of_slots,
+    a_graceful_leave_hands_over_without_waiting_for_the_ttl,
+    a_paused_leader_cannot_write_and_steps_down
+);

@@ -7,7 +7,7 @@ use tessel_node::localcluster::LocalCluster;
 pub use tessel_node::localcluster::{moved, slots_of};
 use tessel_node::status::ClusterStatus;
 
-pub const SETTLE: Duration = Duration::from_secs(30);
+pub const SETTLE: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(50);
 
 pub struct TestCluster {
