@@ -10,3 +10,6 @@
 //! them (nodes on NATS, event-sourced actors, the delta pipeline).
 
 pub mod address;
+pub mod behavior;
+pub mod es;
+pub mod model;

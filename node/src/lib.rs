@@ -8,9 +8,11 @@
 //! **Boundary:** the only crate that knows subject strings, wire formats and the wall clock.
 
 pub mod bench;
+pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod connect;
+pub mod eventstore;
 pub mod http;
 pub mod localcluster;
 pub mod metrics;
@@ -18,5 +20,7 @@ pub mod natsd;
 pub mod procs;
 pub mod records;
 pub mod runtime;
+pub mod saga;
 pub mod status;
 pub mod store;
+pub mod vactors;

@@ -76,7 +76,12 @@ pub struct NodeContext {
     pub record: MemberRecord,
     /// Where the node publishes a summary of its state after every command.
     pub view: Arc<watch::Sender<NodeView>>,
+    /// Told when slots start (true) or stop (false) here: the virtual-actor runtime listens.
+    pub slot_hook: Option<SlotHook>,
 }
+
+/// A listener for slots starting (true) and stopping (false) on this node.
+pub type SlotHook = Arc<dyn Fn(SlotSet, bool) + Send + Sync>;
 
 /// A summary of one node's state, for status pages and tests.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
@@ -115,6 +120,7 @@ pub async fn start(
     store: Store,
     metrics: Arc<Metrics>,
     record: MemberRecord,
+    slot_hook: Option<SlotHook>,
 ) -> Result<RunningNode, ractor::SpawnErr> {
     let (view_tx, view) = watch::channel(NodeView::default());
     let clock = Clock::new(cfg.clock_offset_ms);
@@ -127,6 +133,7 @@ pub async fn start(
         clock,
         record,
         view: Arc::new(view_tx),
+        slot_hook,
     };
     let (exit_tx, exit) = watch::channel(None);
     let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, (ctx, Arc::new(exit_tx))).await?;
@@ -662,8 +669,14 @@ impl Actor for NodeSupervisor {
                         Metrics::inc(&st.ctx.metrics.slot_hosts_started_total);
                     }
                 }
+                if let Some(hook) = &st.ctx.slot_hook {
+                    hook(set, true);
+                }
             }
             SupMsg::StopSlots(set) => {
+                if let Some(hook) = &st.ctx.slot_hook {
+                    hook(set, false);
+                }
                 for slot in set.iter() {
                     if let Some(host) = st.slots.remove(&slot.get()) {
                         host.stop(None);
@@ -713,8 +726,15 @@ impl Actor for NodeSupervisor {
             }
             // A new coordinator starts from what the KV holds; it re-adopts the map and asks
             // for its slot hosts again.
-            for (_, host) in std::mem::take(&mut st.slots) {
+            let mut stopped = SlotSet::EMPTY;
+            for (slot, host) in std::mem::take(&mut st.slots) {
                 host.stop(None);
+                if let Ok(s) = Slot::new(u64::from(slot)) {
+                    stopped.insert(s);
+                }
+            }
+            if let Some(hook) = &st.ctx.slot_hook {
+                hook(stopped, false);
             }
             st.coordinator = Some(spawn_coordinator(&me, &st.ctx).await?);
             return Ok(());

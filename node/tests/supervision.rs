@@ -53,7 +53,7 @@ async fn restarts_are_counted_then_the_budget_stops_the_node() {
         addr: None,
         started_at_ms: 0,
     };
-    let node = runtime::start(cfg, me, weight, store, metrics.clone(), record)
+    let node = runtime::start(cfg, me, weight, store, metrics.clone(), record, None)
         .await
         .unwrap();
 

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod actor;
 pub mod bench;
 pub mod node;
 pub mod sim;
@@ -20,6 +21,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Send a command to a virtual actor and print its answer.
+    Ask(actor::AskArgs),
+    /// Print an actor's event history.
+    Events(actor::EventsArgs),
+    /// Create, list, describe and retire models.
+    Model(actor::ModelArgs),
     /// Run the benchmarks and print measured figures against their baselines.
     Bench(bench::BenchArgs),
     /// Run one cluster node.
@@ -36,6 +43,9 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Ask(args) => actor::ask(args),
+        Command::Events(args) => actor::events(args),
+        Command::Model(args) => actor::model(args),
         Command::Bench(args) => bench::run(args),
         Command::Node(args) => node::run(args),
         Command::Sim(args) => sim::run(args),

@@ -158,6 +158,14 @@ async fn serve(cfg: NodeConfig) -> i32 {
         addr: cfg.http.clone(),
         started_at_ms: wall_ms(),
     };
+    let hook = match start_actors(&cfg, &me, client.clone(), metrics.clone()).await {
+        Ok(h) => h,
+        Err(e) => {
+            error!("cannot start the actor runtime: {e:#}");
+            eprintln!("tessel node: cannot start the actor runtime: {e:#}");
+            return 5;
+        }
+    };
     let running = match crate::runtime::start(
         cfg.clone(),
         me.clone(),
@@ -165,6 +173,7 @@ async fn serve(cfg: NodeConfig) -> i32 {
         store,
         metrics,
         record,
+        Some(hook),
     )
     .await
     {
@@ -248,4 +257,86 @@ async fn serve(cfg: NodeConfig) -> i32 {
     let _ = tokio::time::timeout(Duration::from_secs(1), client.flush()).await;
     info!(node = %me, code, "node stopped");
     code
+}
+
+/// Starts the virtual-actor runtime (event store, actor kinds), the memory reservations and the
+/// saga driver; returns the hook that starts and stops slots in the runtime.
+async fn start_actors(
+    cfg: &NodeConfig,
+    me: &cluster::NodeId,
+    client: async_nats::Client,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<crate::runtime::SlotHook> {
+    use actors::behavior::{Behavior, Counter, Typed};
+    use actors::model::Model;
+    use cluster::types::SlotSet;
+
+    let setup = async_nats::jetstream::ContextBuilder::new()
+        .timeout(crate::store::SETUP_TIMEOUT)
+        .build(client.clone());
+    let events = crate::eventstore::JetStreamEventStore::open(
+        setup,
+        &cfg.cluster,
+        cfg.replicas,
+        cfg.max_record_bytes,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("event store: {e}"))?;
+    let behaviors: Vec<Arc<dyn Behavior>> = vec![
+        Arc::new(Typed::<Counter>::default()),
+        Arc::new(Typed::<Model>::default()),
+    ];
+    let rt = crate::vactors::ActorRuntime::new(
+        client.clone(),
+        &cfg.cluster,
+        Arc::new(events),
+        behaviors,
+        crate::vactors::ActorConfig::default(),
+        metrics,
+    );
+    let hosted = Arc::new(std::sync::Mutex::new(SlotSet::EMPTY));
+
+    // Memory reservations: half of the largest device's memory.
+    let budget = gpu::discover()
+        .iter()
+        .map(|d| d.memory_total_bytes)
+        .max()
+        .unwrap_or(0)
+        / 2;
+    let reservations = Arc::new(crate::saga::Reservations::new(budget));
+    crate::saga::serve_reservations(client.clone(), &cfg.cluster, me.as_str(), reservations)
+        .await?;
+
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
+    let h = hosted.clone();
+    let driver = crate::saga::SagaDriver {
+        actors: crate::client::ActorClient::new(client.clone(), &cfg.cluster),
+        js,
+        client,
+        cluster: cfg.cluster.clone(),
+        hosts: Arc::new(move |slot| h.lock().is_ok_and(|s| s.contains(slot))),
+    };
+    driver.spawn(Duration::from_millis(500));
+
+    Ok(Arc::new(move |set: SlotSet, start: bool| {
+        if let Ok(mut h) = hosted.lock() {
+            for slot in set.iter() {
+                if start {
+                    h.insert(slot);
+                } else {
+                    h.remove(slot);
+                }
+            }
+        }
+        for slot in set.iter() {
+            if start {
+                let rt = rt.clone();
+                tokio::spawn(async move { rt.start_slot(slot).await });
+            } else {
+                rt.stop_slot(slot);
+            }
+        }
+    }))
 }
