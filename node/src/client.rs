@@ -45,6 +45,8 @@ pub struct ActorClient {
 
 const RETRY_MIN: Duration = Duration::from_millis(10);
 const RETRY_MAX: Duration = Duration::from_millis(250);
+/// Longest wait for one attempt's answer before it is sent again (same request id).
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Error kinds after which an ask is retried (the actor was moving or busy).
 const RETRYABLE: [&str; 2] = ["overloaded", "unavailable"];
 
@@ -81,6 +83,8 @@ impl ActorClient {
         let started = Instant::now();
         let mut delay = RETRY_MIN;
         let mut owner_seen = false;
+        // One id for every retry of this ask: the actor applies it once.
+        let request_id = crate::vactors::event_id();
         loop {
             let left = timeout.saturating_sub(started.elapsed());
             if left.is_zero() {
@@ -90,9 +94,12 @@ impl ActorClient {
                     AskError::NoOwner
                 });
             }
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(crate::vactors::REQUEST_ID_HEADER, request_id.as_str());
             let request = async_nats::Request::new()
                 .payload(payload.clone())
-                .timeout(Some(left));
+                .headers(headers)
+                .timeout(Some(left.min(ATTEMPT_TIMEOUT)));
             match self.client.send_request(subject.clone(), request).await {
                 Ok(msg) => {
                     owner_seen = true;
@@ -133,9 +140,9 @@ impl ActorClient {
                 }
                 Err(e) => match e.kind() {
                     async_nats::RequestErrorKind::NoResponders => {}
-                    async_nats::RequestErrorKind::TimedOut => {
-                        return Err(AskError::Timeout(timeout));
-                    }
+                    // This attempt went unanswered (a request lost in a handover): try again
+                    // with the same id while time remains.
+                    async_nats::RequestErrorKind::TimedOut => {}
                     async_nats::RequestErrorKind::InvalidSubject
                     | async_nats::RequestErrorKind::MaxPayloadExceeded => {
                         return Err(AskError::BadRequest(e.to_string()));

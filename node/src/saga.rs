@@ -2,7 +2,8 @@
 //!
 //! **Reservations.** Each node answers `<c>.node.<id>.reserve` (`{"model", "bytes"}`) and
 //! `<c>.node.<id>.release` (`{"model"}`) from a budget of device memory; both are idempotent per
-//! model. Replies: `{"ok": true}` or `{"error": {"kind", "message"}}`.
+//! model. Replies: `{"ok": true}` or `{"error": {"kind", "message"}}`. `<c>.node.<id>.reservations`
+//! answers `{"ok": {"<model>": <bytes>, …}}`.
 //!
 //! **The driver.** Every node runs a driver that, every `interval`, looks at the models whose
 //! actor it hosts and moves each pending saga one step, by commands to the model actor (so every
@@ -31,6 +32,11 @@ pub const STEP_TIMEOUT: Duration = Duration::from_secs(3);
 /// The reservation subject of a node.
 pub fn reserve_subject(cluster: &str, node: &str) -> String {
     format!("{cluster}.node.{node}.reserve")
+}
+
+/// The subject that lists a node's reservations.
+pub fn reservations_subject(cluster: &str, node: &str) -> String {
+    format!("{cluster}.node.{node}.reservations")
 }
 
 /// The release subject of a node.
@@ -93,12 +99,22 @@ pub async fn serve_reservations(
     reservations: Arc<Reservations>,
 ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
     let mut reserve = client.subscribe(reserve_subject(cluster, node)).await?;
+    let mut list = client
+        .subscribe(reservations_subject(cluster, node))
+        .await?;
     let mut release = client.subscribe(release_subject(cluster, node)).await?;
     Ok(tokio::spawn(async move {
         loop {
             let (msg, is_reserve) = tokio::select! {
                 Some(m) = reserve.next() => (m, true),
                 Some(m) = release.next() => (m, false),
+                Some(m) = list.next() => {
+                    if let Some(reply) = m.reply {
+                        let body = json!({"ok": reservations.held()});
+                        let _ = client.publish(reply, Bytes::from(body.to_string())).await;
+                    }
+                    continue;
+                }
                 else => break,
             };
             let body: Result<Value, _> = serde_json::from_slice(&msg.payload);

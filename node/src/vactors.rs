@@ -72,8 +72,26 @@ pub fn error_reply(kind: &str, message: &str) -> Value {
 }
 
 struct Request {
+    /// The request's id (from the `Tessel-Request-Id` header, or made up): the ids of the events
+    /// it appends derive from it, so the same request handled twice (a retry, or two owners
+    /// during a handover) is applied once.
+    id: String,
     payload: Bytes,
     reply: Option<async_nats::Subject>,
+}
+
+/// How many answers an actor remembers for retried requests.
+pub const RECENT_REQUESTS: usize = 64;
+
+/// The header carrying a request's id.
+pub const REQUEST_ID_HEADER: &str = "Tessel-Request-Id";
+
+/// What activation rebuilt.
+struct Loaded {
+    state: Value,
+    version: u64,
+    sequence: u64,
+    last_id: Option<String>,
 }
 
 struct Shared<S> {
@@ -85,6 +103,7 @@ struct Shared<S> {
     metrics: Arc<Metrics>,
     active: Mutex<HashMap<ActorKey, mpsc::Sender<Request>>>,
     slots: Mutex<HashMap<u16, tokio::task::JoinHandle<()>>>,
+    control: mpsc::UnboundedSender<(Slot, bool)>,
 }
 
 /// The runtime; cheap to clone.
@@ -111,7 +130,8 @@ impl<S: EventStore> ActorRuntime<S> {
         metrics: Arc<Metrics>,
     ) -> Self {
         let behaviors = behaviors.into_iter().map(|b| (b.kind(), b)).collect();
-        ActorRuntime {
+        let (control, mut orders) = mpsc::unbounded_channel();
+        let rt = ActorRuntime {
             inner: Arc::new(Shared {
                 client,
                 cluster: cluster.into(),
@@ -121,8 +141,29 @@ impl<S: EventStore> ActorRuntime<S> {
                 metrics,
                 active: Mutex::new(HashMap::new()),
                 slots: Mutex::new(HashMap::new()),
+                control,
             }),
-        }
+        };
+        // Slot starts and stops are carried out in the order they were asked for, so a stop
+        // right after a start is never overtaken by the start's subscription.
+        let weak = Arc::downgrade(&rt.inner);
+        tokio::spawn(async move {
+            while let Some((slot, start)) = orders.recv().await {
+                let Some(inner) = weak.upgrade() else { break };
+                let rt = ActorRuntime { inner };
+                if start {
+                    rt.start_slot(slot).await;
+                } else {
+                    rt.stop_slot(slot);
+                }
+            }
+        });
+        rt
+    }
+
+    /// Asks for a slot to start (true) or stop (false) here; carried out in order.
+    pub fn set_slot(&self, slot: Slot, start: bool) {
+        let _ = self.inner.control.send((slot, start));
     }
 
     /// Actors active now.
@@ -225,7 +266,20 @@ impl<S: EventStore> ActorRuntime<S> {
                 )
                 .await;
         };
+        let id = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(REQUEST_ID_HEADER))
+            .map(|v| v.as_str().to_string())
+            .filter(|v| {
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+            .unwrap_or_else(event_id);
         let request = Request {
+            id,
             payload: msg.payload,
             reply,
         };
@@ -277,6 +331,17 @@ impl<S: EventStore> ActorRuntime<S> {
         behavior: &dyn Behavior,
         key: &ActorKey,
     ) -> Result<(Value, u64, u64), String> {
+        Self::load_full(store, behavior, key)
+            .await
+            .map(|l| (l.state, l.version, l.sequence))
+    }
+
+    async fn load_full(
+        store: &S,
+        behavior: &dyn Behavior,
+        key: &ActorKey,
+    ) -> Result<Loaded, String> {
+        let mut last_id = None;
         let (mut state, mut version, mut sequence) = match store.load_snapshot(key).await {
             Ok(Some(s)) if s.v == ENVELOPE_VERSION => (s.state, s.version, s.sequence),
             Ok(_) => (behavior.initial(), 0, 0),
@@ -297,8 +362,14 @@ impl<S: EventStore> ActorRuntime<S> {
             state = behavior.apply(state, &e).map_err(|e| e.to_string())?;
             version = e.version;
             sequence = e.sequence;
+            last_id = Some(e.id);
         }
-        Ok((state, version, sequence))
+        Ok(Loaded {
+            state,
+            version,
+            sequence,
+            last_id,
+        })
     }
 
     async fn run_actor(
@@ -309,21 +380,33 @@ impl<S: EventStore> ActorRuntime<S> {
         me: mpsc::Sender<Request>,
     ) {
         let store = self.inner.store.clone();
+        let started = std::time::Instant::now();
         let loaded = Self::load(&store, behavior.as_ref(), &key).await;
+        debug!(actor = %key, ms = started.elapsed().as_millis() as u64, ok = loaded.is_ok(), "activated");
         let (mut state, mut version, mut sequence) = match loaded {
             Ok(v) => v,
             Err(e) => {
                 warn!(actor = %key, error = %e, "activation failed");
                 self.deactivate(&key, &me);
                 rx.close();
+                // An event of a schema this node does not know is not a transient failure.
+                let kind = if e.contains("schema") {
+                    "unknown_schema"
+                } else {
+                    "unavailable"
+                };
                 while let Some(r) = rx.recv().await {
-                    self.refuse(r.reply, "unavailable", &format!("cannot load {key}: {e}"))
+                    self.refuse(r.reply, kind, &format!("cannot load {key}: {e}"))
                         .await;
                 }
                 return;
             }
         };
         let mut since_snapshot = 0u64;
+        // Answers to the latest requests, by request id: a retried request gets its first
+        // answer again instead of being applied twice.
+        let mut recent: std::collections::VecDeque<(String, Value)> =
+            std::collections::VecDeque::new();
         let idle = Duration::from_millis(self.inner.cfg.idle_ms);
         loop {
             let request = match tokio::time::timeout(idle, rx.recv()).await {
@@ -336,6 +419,11 @@ impl<S: EventStore> ActorRuntime<S> {
                     continue;
                 }
             };
+            if let Some((_, body)) = recent.iter().find(|(id, _)| *id == request.id) {
+                let body = body.clone();
+                self.reply(request.reply, body).await;
+                continue;
+            }
             let mut attempt = 0;
             let body = loop {
                 attempt += 1;
@@ -351,8 +439,9 @@ impl<S: EventStore> ActorRuntime<S> {
                 }
                 let events: Vec<NewEvent> = decided
                     .iter()
-                    .map(|d| NewEvent {
-                        id: event_id(),
+                    .enumerate()
+                    .map(|(i, d)| NewEvent {
+                        id: format!("{}-{i}", request.id),
                         kind: d.kind.clone(),
                         schema: d.schema,
                         data: d.data.clone(),
@@ -393,8 +482,16 @@ impl<S: EventStore> ActorRuntime<S> {
                     Err(StoreError::Conflict { current }) if attempt == 1 => {
                         // Another writer (an old owner during a move): catch up and decide again.
                         Metrics::inc(&self.inner.metrics.actor_conflicts_total);
-                        match Self::load(&store, behavior.as_ref(), &key).await {
-                            Ok((s, v, q)) => (state, version, sequence) = (s, v, q),
+                        match Self::load_full(&store, behavior.as_ref(), &key).await {
+                            Ok(l) => {
+                                (state, version, sequence) = (l.state, l.version, l.sequence);
+                                // The same request already applied (another owner during a
+                                // handover, or a retry): answer, don't apply it twice.
+                                let mine = format!("{}-", request.id);
+                                if l.last_id.is_some_and(|id| id.starts_with(&mine)) {
+                                    break json!({"ok": behavior.view(&state), "version": version});
+                                }
+                            }
                             Err(e) => break error_reply("unavailable", &e),
                         }
                         debug!(actor = %key, current, "conflict; reloaded");
@@ -410,6 +507,10 @@ impl<S: EventStore> ActorRuntime<S> {
             if body.get("error").is_some() {
                 Metrics::inc(&self.inner.metrics.actor_errors_total);
             }
+            if recent.len() >= RECENT_REQUESTS {
+                recent.pop_front();
+            }
+            recent.push_back((request.id.clone(), body.clone()));
             self.reply(request.reply, body).await;
             if since_snapshot >= self.inner.cfg.snapshot_every {
                 // The snapshot needs the sequence of its version's event: read it from the last

@@ -331,12 +331,7 @@ async fn start_actors(
             }
         }
         for slot in set.iter() {
-            if start {
-                let rt = rt.clone();
-                tokio::spawn(async move { rt.start_slot(slot).await });
-            } else {
-                rt.stop_slot(slot);
-            }
+            rt.set_slot(slot, start);
         }
     }))
 }

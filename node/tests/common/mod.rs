@@ -31,7 +31,7 @@ impl std::ops::DerefMut for TestCluster {
 impl TestCluster {
     pub async fn start(servers: usize, nodes: usize) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
-        let env = vec![("RUST_LOG".into(), "info".into())];
+        let env = vec![("RUST_LOG".into(), "info,tessel_node::vactors=debug".into())];
         let inner = LocalCluster::start(
             dir.path(),
             env!("CARGO_BIN_EXE_tessel").as_ref(),
