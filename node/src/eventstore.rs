@@ -122,7 +122,14 @@ pub struct JetStreamEventStore {
     max_event_bytes: usize,
     batch_nonce: u64,
     batch_counter: AtomicU64,
+    /// The last (version, stream sequence) this store wrote per actor: an append at that
+    /// version skips reading the actor's last event (the server's expected-sequence check still
+    /// guards it; a stale entry only costs a refusal and a re-read).
+    positions: std::sync::Mutex<std::collections::HashMap<ActorKey, (u64, u64)>>,
 }
+
+/// Most actors whose last position the store remembers.
+pub const MAX_CACHED_POSITIONS: usize = 100_000;
 
 /// The actor's last event: its version, its stream sequence and its id.
 type Last = Option<(u64, u64, String)>;
@@ -380,6 +387,7 @@ impl JetStreamEventStore {
             max_event_bytes,
             batch_nonce: random_nonce(),
             batch_counter: AtomicU64::new(0),
+            positions: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -539,7 +547,14 @@ impl ReadState {
     /// The next item and whether the read goes on after it (None: the read is over).
     async fn next(&mut self) -> Option<(Result<StoredEvent, StoreError>, bool)> {
         loop {
-            let msg = match tokio::time::timeout(READ_IDLE_TIMEOUT, self.messages.next()).await {
+            // A buffered message is taken at once; only an empty buffer waits, with a timeout
+            // (a timer per message would cost more than the message).
+            let ready = futures::FutureExt::now_or_never(self.messages.next());
+            let next = match ready {
+                Some(item) => Ok(item),
+                None => tokio::time::timeout(READ_IDLE_TIMEOUT, self.messages.next()).await,
+            };
+            let msg = match next {
                 Err(_) => {
                     return Some((
                         Err(StoreError::Unavailable("read: no message in time".into())),
@@ -600,12 +615,23 @@ impl EventStore for JetStreamEventStore {
             .ok_or_else(|| StoreError::InvalidKey("version overflow".into()))?;
         let mut messages = self.messages(actor, expected_version, events)?;
 
-        let last = self.last(actor).await?;
-        let current = last.as_ref().map_or(0, |(v, _, _)| *v);
-        if current != expected_version {
-            return settle(&last, target, &last_event.id);
-        }
-        let last_sequence = last.as_ref().map_or(0, |(_, s, _)| *s);
+        let cached = self
+            .positions
+            .lock()
+            .ok()
+            .and_then(|p| p.get(actor).copied())
+            .filter(|(v, _)| *v == expected_version);
+        let last_sequence = match cached {
+            Some((_, seq)) => seq,
+            None => {
+                let last = self.last(actor).await?;
+                let current = last.as_ref().map_or(0, |(v, _, _)| *v);
+                if current != expected_version {
+                    return settle(&last, target, &last_event.id);
+                }
+                last.as_ref().map_or(0, |(_, s, _)| *s)
+            }
+        };
         if let Some((h, _)) = messages.first_mut() {
             h.insert(
                 header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -631,7 +657,15 @@ impl EventStore for JetStreamEventStore {
             .publish_acked(subject, commit_headers, commit_payload)
             .await
         {
-            Ok(ack) if !ack.duplicate => Ok(target),
+            Ok(ack) if !ack.duplicate => {
+                if let Ok(mut p) = self.positions.lock() {
+                    if p.len() >= MAX_CACHED_POSITIONS {
+                        p.clear();
+                    }
+                    p.insert(actor.clone(), (target, ack.sequence));
+                }
+                Ok(target)
+            }
             // The id was already stored: ours only if it is the actor's last event.
             Ok(_) => self.resettle(actor, target, &last_event.id).await,
             Err(e) if refused(&e) => self.resettle(actor, target, &last_event.id).await,

@@ -34,6 +34,11 @@ pub fn reserve_subject(cluster: &str, node: &str) -> String {
     format!("{cluster}.node.{node}.reserve")
 }
 
+/// A node's echo subject: answers with the request's payload (a raw round-trip baseline).
+pub fn ping_subject(cluster: &str, node: &str) -> String {
+    format!("{cluster}.node.{node}.ping")
+}
+
 /// The subject that lists a node's reservations.
 pub fn reservations_subject(cluster: &str, node: &str) -> String {
     format!("{cluster}.node.{node}.reservations")
@@ -103,11 +108,18 @@ pub async fn serve_reservations(
         .subscribe(reservations_subject(cluster, node))
         .await?;
     let mut release = client.subscribe(release_subject(cluster, node)).await?;
+    let mut ping = client.subscribe(ping_subject(cluster, node)).await?;
     Ok(tokio::spawn(async move {
         loop {
             let (msg, is_reserve) = tokio::select! {
                 Some(m) = reserve.next() => (m, true),
                 Some(m) = release.next() => (m, false),
+                Some(m) = ping.next() => {
+                    if let Some(reply) = m.reply {
+                        let _ = client.publish(reply, m.payload).await;
+                    }
+                    continue;
+                }
                 Some(m) = list.next() => {
                     if let Some(reply) = m.reply {
                         let body = json!({"ok": reservations.held()});

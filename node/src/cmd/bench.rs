@@ -19,6 +19,9 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run only one group: `cluster` or `actors`.
+    #[arg(long, value_parser = ["cluster", "actors"])]
+    only: Option<String>,
     /// Where the temporary cluster keeps its data and logs.
     #[arg(long, default_value = ".tessel/bench")]
     dir: PathBuf,
@@ -43,7 +46,13 @@ pub fn run(args: BenchArgs) -> ExitCode {
         let bin = std::env::current_exe()?;
         let dir = std::path::absolute(&args.dir)?.join(format!("run-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let results = bench::cluster(&bin, &dir, trials).await?;
+        let mut results = Vec::new();
+        if args.only.as_deref() != Some("actors") {
+            results.extend(bench::cluster(&bin, &dir.join("cluster"), trials).await?);
+        }
+        if args.only.as_deref() != Some("cluster") {
+            results.extend(bench::actors(&bin, &dir.join("actors"), args.quick).await?);
+        }
         anyhow::Ok(BenchReport {
             machine: bench::machine(),
             results,
