@@ -31,7 +31,10 @@
 //!
 //! # Retries
 //!
-//! An append first reads the actor's last event. When its version is not the expected one, the
+//! An append first reads the actor's last event — unless this store wrote the actor's event at
+//! the expected version itself, whose stream sequence it remembers (then the append is one
+//! round trip; a stale memory only costs a refusal and a re-read). When the version is not the
+//! expected one, the
 //! append is either a retry whose first attempt landed (the last event is at
 //! `expected + events.len()` and has the id of the append's last event: the answer is that
 //! version, nothing is written) or a [`StoreError::Conflict`]. When the server refuses the

@@ -1,5 +1,11 @@
 //! The test face of `tessel_node::localcluster`: panics instead of errors.
-#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+#![allow(
+    dead_code,
+    unused_imports,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs
+)]
 
 use std::time::Duration;
 
