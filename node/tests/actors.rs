@@ -326,3 +326,55 @@ async fn the_deploy_saga_serves_or_compensates_at_every_step() {
         assert!(types.iter().any(|x| x == t), "{t} missing from {types:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_and_events_commands_keep_their_contract() {
+    let (c, _) = started().await;
+    let nats = c.nats.url();
+    let run = |sub: &[&str]| {
+        let mut args: Vec<&str> = sub.to_vec();
+        args.extend(["--nats", nats.as_str(), "--cluster", "tessel"]);
+        std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "model", "create", "--name", "emb", "--rows", "10000", "--dim", "16",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let mut state = String::new();
+    for _ in 0..100 {
+        let out = run(&["model", "describe", "emb", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        state = v["state"].as_str().unwrap().to_string();
+        if state == "Serving" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "Serving");
+    let out = run(&["model", "list", "--json"]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["models"][0]["name"], "emb");
+    let out = run(&["events", "model/emb", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() >= 5, "{lines:?}");
+    for (i, l) in lines.iter().enumerate() {
+        assert_eq!(l["version"], i as u64 + 1);
+        assert!(l["type"].is_string() && l["timestamp_ms"].is_u64(), "{l}");
+    }
+    let out = run(&["model", "retire", "emb"]);
+    assert!(out.status.success(), "{out:?}");
+    let out = run(&[
+        "model", "create", "--name", "bad", "--rows", "0", "--dim", "1",
+    ]);
+    assert!(!out.status.success(), "{out:?}");
+    let out = run(&["events", "not-a-key"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
