@@ -31,16 +31,8 @@ pub struct BenchArgs {
 pub fn run(args: BenchArgs) -> ExitCode {
     crate::cmd::node::init_tracing(crate::config::LogFormat::Text);
     let trials = args.trials.unwrap_or(if args.quick { 5 } else { 20 }) as usize;
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tessel bench: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = crate::cmd::runtime("tessel bench") else {
+        return ExitCode::FAILURE;
     };
     let result = rt.block_on(async {
         let bin = std::env::current_exe()?;

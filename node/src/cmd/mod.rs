@@ -39,6 +39,22 @@ enum Command {
     Up(up::UpArgs),
 }
 
+/// The multi-threaded runtime of the long-running subcommands (two workers: a node's work is
+/// mostly waiting on NATS). Prints why and returns None when it cannot start.
+pub(crate) fn runtime(who: &str) -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("{who}: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
 /// Parses the command line and runs the subcommand; the exit code is the subcommand's.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -97,16 +97,8 @@ pub fn run(args: NodeArgs) -> ExitCode {
         }
     };
     init_tracing(cfg.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tessel node: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = crate::cmd::runtime("tessel node") else {
+        return ExitCode::FAILURE;
     };
     let code = rt.block_on(serve(cfg));
     rt.shutdown_timeout(Duration::from_secs(2));

@@ -51,16 +51,8 @@ pub fn run(args: UpArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     crate::cmd::node::init_tracing(crate::config::LogFormat::Text);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tessel up: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(rt) = crate::cmd::runtime("tessel up") else {
+        return ExitCode::FAILURE;
     };
     match rt.block_on(up(args)) {
         Ok(()) => ExitCode::SUCCESS,
