@@ -6,10 +6,13 @@
 //! **Invariant:** `actors` never decides placement; it hosts what the shard map says.
 //! **Boundary:** no NATS subjects or wire formats here; the `node` crate owns those.
 //!
-//! Today it holds the actor address rule; the actors themselves arrive with the issues that need
-//! them (nodes on NATS, event-sourced actors, the delta pipeline).
+//! Pure modules: the actor address rule, event sourcing (`es`, `behavior`), the model registry
+//! (`model`), and the delta domain (`delta`, `frame`). The runtime that hosts actors on NATS is
+//! in the `node` crate.
 
 pub mod address;
 pub mod behavior;
+pub mod delta;
 pub mod es;
+pub mod frame;
 pub mod model;

@@ -7,7 +7,10 @@
 //! **Invariant:** the only crate in the workspace allowed `unsafe`; every `unsafe` block carries
 //! a `SAFETY:` comment. **Boundary:** knows nothing of NATS, slots or models.
 //!
-//! Today it reports the CPU; tables and kernels arrive with the GPU issue.
+//! Today: device discovery (the CPU) and the CPU twin (`cpu::Table`); CUDA kernels arrive with
+//! the GPU issue behind the same operations.
+
+pub mod cpu;
 
 /// What kind of device a table can live on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

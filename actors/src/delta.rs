@@ -1,0 +1,374 @@
+//! Deltas: sparse updates to the rows of a `rows × dim` table, and the rules around them.
+//!
+//! - [`Hlc`]: a hybrid logical clock timestamp (tick on send, merge on receive).
+//! - Rows map to slots in **contiguous ranges** ([`slot_rows`], [`slot_of_row`]): slot `s` owns
+//!   rows `⌈s·R/1024⌉ .. ⌈(s+1)·R/1024⌉`, so each owner's part of a table is a few dense blocks
+//!   (cache- and DMA-friendly, one contiguous device allocation per slot) rather than rows
+//!   scattered by a hash.
+//! - [`DeltaBatch`]: row ids and `count × dim` values for one slot, with a checksum chained to
+//!   the previous batch; compose (same rows summed), invert (for rollback), magnitude metrics,
+//!   and validation (dims, finite values, a magnitude bound).
+
+use std::ops::Range;
+
+use cluster::{SLOT_COUNT, Slot};
+use serde::{Deserialize, Serialize};
+
+/// A hybrid logical clock timestamp: wall time, a logical counter, and the issuing node.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Hlc {
+    /// Milliseconds (the largest wall time seen).
+    pub wall_ms: u64,
+    /// Orders events within one millisecond.
+    pub logical: u32,
+    /// Breaks ties between nodes.
+    pub node: u32,
+}
+
+impl Hlc {
+    /// A clock for a node.
+    pub fn new(node: u32) -> Self {
+        Hlc {
+            wall_ms: 0,
+            logical: 0,
+            node,
+        }
+    }
+
+    /// Advances for a local event or a send; returns the new timestamp.
+    pub fn tick(&mut self, now_ms: u64) -> Hlc {
+        if now_ms > self.wall_ms {
+            self.wall_ms = now_ms;
+            self.logical = 0;
+        } else {
+            self.logical = self.logical.saturating_add(1);
+        }
+        *self
+    }
+
+    /// Merges a received timestamp; returns the new local timestamp (after both).
+    pub fn merge(&mut self, remote: Hlc, now_ms: u64) -> Hlc {
+        let wall = self.wall_ms.max(remote.wall_ms).max(now_ms);
+        self.logical = if wall == self.wall_ms && wall == remote.wall_ms {
+            self.logical.max(remote.logical).saturating_add(1)
+        } else if wall == self.wall_ms {
+            self.logical.saturating_add(1)
+        } else if wall == remote.wall_ms {
+            remote.logical.saturating_add(1)
+        } else {
+            0
+        };
+        self.wall_ms = wall;
+        *self
+    }
+}
+
+/// The rows of a `rows`-row table that slot `slot` owns.
+pub fn slot_rows(rows: u64, slot: Slot) -> Range<u64> {
+    let s = slot.index() as u128;
+    let r = u128::from(rows);
+    let n = SLOT_COUNT as u128;
+    let start = (s * r).div_ceil(n) as u64;
+    let end = ((s + 1) * r).div_ceil(n) as u64;
+    start..end
+}
+
+/// The slot that owns `row` of a `rows`-row table (None when `row ≥ rows`).
+pub fn slot_of_row(rows: u64, row: u64) -> Option<Slot> {
+    if row >= rows {
+        return None;
+    }
+    // The largest s with ⌈s·R/1024⌉ ≤ row is ⌊(row·1024 + 1024 − 1)/R⌋ − … computed directly:
+    // s = ⌊(row·1024 + 1023) / R⌋ can overshoot by one at range ends; correct it.
+    let n = SLOT_COUNT as u128;
+    let mut s = ((u128::from(row) * n) / u128::from(rows)) as u64;
+    while s > 0 && slot_rows(rows, Slot::new(s).ok()?).start > row {
+        s -= 1;
+    }
+    while slot_rows(rows, Slot::new(s).ok()?).end <= row {
+        s += 1;
+    }
+    Slot::new(s).ok()
+}
+
+/// Why a delta was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum DeltaError {
+    /// Row ids and values disagree in length, or a dimension is zero.
+    #[error("shape: {0}")]
+    Shape(String),
+    /// A row outside the table or outside the slot.
+    #[error("row {row} is outside {range:?}")]
+    RowOutOfRange {
+        /// The row.
+        row: u32,
+        /// The rows allowed.
+        range: Range<u64>,
+    },
+    /// NaN or an infinity.
+    #[error("value {index} is not finite")]
+    NotFinite {
+        /// Its index among the values.
+        index: usize,
+    },
+    /// A value beyond the model's magnitude bound.
+    #[error("|value| {value} exceeds the bound {bound}")]
+    TooLarge {
+        /// The value.
+        value: f32,
+        /// The bound.
+        bound: f32,
+    },
+    /// The checksum does not match the content, or the parent is not the previous batch.
+    #[error("checksum chain broken: {0}")]
+    Chain(String),
+}
+
+/// A sparse update of one slot's rows: `rows.len() × dim` values, row-major.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeltaBatch {
+    /// Columns.
+    pub dim: u32,
+    /// Row ids (in the whole table).
+    pub rows: Vec<u32>,
+    /// Values, `rows.len() × dim`, row-major.
+    pub values: Vec<f32>,
+    /// When it was produced.
+    pub ts: Hlc,
+    /// The checksum of the previous batch of this producer for this slot (0 for the first).
+    pub parent: u64,
+    /// The checksum of this batch (over parent, dim, rows and value bits).
+    pub checksum: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(FNV_PRIME);
+    }
+    h
+}
+
+/// The checksum of a batch's content chained to its parent.
+pub fn checksum(parent: u64, dim: u32, rows: &[u32], values: impl IntoIterator<Item = f32>) -> u64 {
+    let mut h = fnv(FNV_OFFSET, &parent.to_le_bytes());
+    h = fnv(h, &dim.to_le_bytes());
+    for r in rows {
+        h = fnv(h, &r.to_le_bytes());
+    }
+    for v in values {
+        h = fnv(h, &v.to_bits().to_le_bytes());
+    }
+    h
+}
+
+impl DeltaBatch {
+    /// Builds a batch and computes its checksum.
+    pub fn new(
+        dim: u32,
+        rows: Vec<u32>,
+        values: Vec<f32>,
+        ts: Hlc,
+        parent: u64,
+    ) -> Result<Self, DeltaError> {
+        if dim == 0 {
+            return Err(DeltaError::Shape("dim 0".into()));
+        }
+        if values.len() != rows.len() * dim as usize {
+            return Err(DeltaError::Shape(format!(
+                "{} values for {} rows of dim {dim}",
+                values.len(),
+                rows.len()
+            )));
+        }
+        let checksum = checksum(parent, dim, &rows, values.iter().copied());
+        Ok(DeltaBatch {
+            dim,
+            rows,
+            values,
+            ts,
+            parent,
+            checksum,
+        })
+    }
+
+    /// The values of the i-th row.
+    pub fn row(&self, i: usize) -> &[f32] {
+        let d = self.dim as usize;
+        &self.values[i * d..(i + 1) * d]
+    }
+
+    /// Checks the content against the checksum and the parent against the previous checksum.
+    pub fn verify_chain(&self, previous: u64) -> Result<(), DeltaError> {
+        if self.parent != previous {
+            return Err(DeltaError::Chain(format!(
+                "parent {:x}, previous {:x}",
+                self.parent, previous
+            )));
+        }
+        let c = checksum(
+            self.parent,
+            self.dim,
+            &self.rows,
+            self.values.iter().copied(),
+        );
+        if c != self.checksum {
+            return Err(DeltaError::Chain(format!(
+                "content {c:x}, header {:x}",
+                self.checksum
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks rows against the slot's range and values against finiteness and a bound.
+    pub fn validate(&self, range: &Range<u64>, bound: f32) -> Result<(), DeltaError> {
+        for &r in &self.rows {
+            if !range.contains(&u64::from(r)) {
+                return Err(DeltaError::RowOutOfRange {
+                    row: r,
+                    range: range.clone(),
+                });
+            }
+        }
+        for (i, v) in self.values.iter().enumerate() {
+            if !v.is_finite() {
+                return Err(DeltaError::NotFinite { index: i });
+            }
+            if v.abs() > bound {
+                return Err(DeltaError::TooLarge { value: *v, bound });
+            }
+        }
+        Ok(())
+    }
+
+    /// Composes two batches of the same dim: rows present in both are summed; rows are sorted.
+    /// The result's parent is `self`'s; its timestamp the later one.
+    pub fn compose(&self, other: &DeltaBatch) -> Result<DeltaBatch, DeltaError> {
+        if self.dim != other.dim {
+            return Err(DeltaError::Shape(format!(
+                "dims {} and {}",
+                self.dim, other.dim
+            )));
+        }
+        let d = self.dim as usize;
+        let mut sums: std::collections::BTreeMap<u32, Vec<f32>> = std::collections::BTreeMap::new();
+        for b in [self, other] {
+            for (i, &r) in b.rows.iter().enumerate() {
+                let acc = sums.entry(r).or_insert_with(|| vec![0.0; d]);
+                for (a, v) in acc.iter_mut().zip(b.row(i)) {
+                    *a += *v;
+                }
+            }
+        }
+        let rows: Vec<u32> = sums.keys().copied().collect();
+        let values: Vec<f32> = sums.into_values().flatten().collect();
+        DeltaBatch::new(self.dim, rows, values, self.ts.max(other.ts), self.parent)
+    }
+
+    /// The batch that undoes this one (values negated), chained to `parent`.
+    pub fn invert(&self, parent: u64) -> DeltaBatch {
+        let values: Vec<f32> = self.values.iter().map(|v| -v).collect();
+        let checksum = checksum(parent, self.dim, &self.rows, values.iter().copied());
+        DeltaBatch {
+            dim: self.dim,
+            rows: self.rows.clone(),
+            values,
+            ts: self.ts,
+            parent,
+            checksum,
+        }
+    }
+
+    /// The L2 norm of all values.
+    pub fn l2(&self) -> f64 {
+        self.values
+            .iter()
+            .map(|v| f64::from(*v) * f64::from(*v))
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// The largest absolute value.
+    pub fn max_abs(&self) -> f32 {
+        self.values.iter().fold(0.0f32, |m, v| m.max(v.abs()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn hlc_orders_send_and_receive() {
+        let mut a = Hlc::new(1);
+        let mut b = Hlc::new(2);
+        let t1 = a.tick(100);
+        let t2 = a.tick(100);
+        assert!(t2 > t1);
+        // b's clock is behind: merging a's timestamp moves it past it.
+        let t3 = b.merge(t2, 50);
+        assert!(t3 > t2);
+        let t4 = b.tick(50);
+        assert!(t4 > t3);
+    }
+
+    #[test]
+    fn compose_sums_repeated_rows_and_invert_undoes() {
+        let a =
+            DeltaBatch::new(2, vec![5, 1], vec![1.0, 2.0, 3.0, 4.0], Hlc::default(), 0).unwrap();
+        let b = DeltaBatch::new(2, vec![1], vec![10.0, 20.0], Hlc::default(), a.checksum).unwrap();
+        let c = a.compose(&b).unwrap();
+        assert_eq!(c.rows, vec![1, 5]);
+        assert_eq!(c.values, vec![13.0, 24.0, 1.0, 2.0]);
+        let undo = c.compose(&c.invert(0)).unwrap();
+        assert!(undo.values.iter().all(|v| *v == 0.0));
+        assert!(b.verify_chain(a.checksum).is_ok());
+        assert!(b.verify_chain(0).is_err());
+        let mut tampered = b.clone();
+        tampered.values[0] = 11.0;
+        assert!(tampered.verify_chain(a.checksum).is_err());
+    }
+
+    #[test]
+    fn validation() {
+        let range = 0..10;
+        let ok = DeltaBatch::new(1, vec![3], vec![1.0], Hlc::default(), 0).unwrap();
+        assert!(ok.validate(&range, 100.0).is_ok());
+        for (rows, v) in [
+            (vec![10], 1.0),
+            (vec![3], f32::NAN),
+            (vec![3], f32::INFINITY),
+            (vec![3], 1e9),
+        ] {
+            let b = DeltaBatch::new(1, rows, vec![v], Hlc::default(), 0).unwrap();
+            assert!(b.validate(&range, 100.0).is_err());
+        }
+        assert!(DeltaBatch::new(2, vec![1], vec![1.0], Hlc::default(), 0).is_err());
+        assert!(DeltaBatch::new(0, vec![], vec![], Hlc::default(), 0).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn slots_partition_the_rows(rows in 1u64..5_000_000, probe in any::<u64>()) {
+            // Ranges are contiguous, in order, and cover every row exactly once.
+            let mut next = 0;
+            for s in Slot::all() {
+                let r = slot_rows(rows, s);
+                prop_assert_eq!(r.start, next);
+                next = r.end;
+            }
+            prop_assert_eq!(next, rows);
+            let row = probe % rows;
+            let s = slot_of_row(rows, row).unwrap();
+            prop_assert!(slot_rows(rows, s).contains(&row));
+            prop_assert!(slot_of_row(rows, rows).is_none());
+        }
+    }
+}
