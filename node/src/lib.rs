@@ -12,6 +12,7 @@ pub mod client;
 pub mod cmd;
 pub mod config;
 pub mod connect;
+pub mod deltas;
 pub mod eventstore;
 pub mod http;
 pub mod localcluster;

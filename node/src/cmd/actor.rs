@@ -25,7 +25,7 @@ pub struct Target {
 }
 
 impl Target {
-    async fn connect(&self) -> Result<async_nats::Client, ExitCode> {
+    pub(crate) async fn connect(&self) -> Result<async_nats::Client, ExitCode> {
         if let Err(e) = validate_cluster_name(&self.cluster) {
             eprintln!("tessel: {e}");
             return Err(ExitCode::from(2));
@@ -224,6 +224,17 @@ enum ModelCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Read rows of a model from the owners of their slots.
+    Get {
+        /// Its name.
+        name: String,
+        /// Comma-separated rows.
+        #[arg(long)]
+        rows: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// Retire a model.
     Retire {
         /// Its name.
@@ -305,6 +316,7 @@ pub fn model(args: ModelArgs) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
+            ModelCommand::Get { name, rows, json } => crate::cmd::produce::get(&args.target, &name, &rows, json).await,
             ModelCommand::Retire { name } => {
                 let Ok(k) = ActorKey::new("model", &name) else {
                     eprintln!("tessel model retire: invalid name {name:?}");

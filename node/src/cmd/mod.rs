@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 pub mod actor;
 pub mod bench;
 pub mod node;
+pub mod produce;
 pub mod sim;
 pub mod status;
 pub mod up;
@@ -29,6 +30,8 @@ enum Command {
     Model(actor::ModelArgs),
     /// Run the benchmarks and print measured figures against their baselines.
     Bench(bench::BenchArgs),
+    /// Publish deltas to a model: the workload generator.
+    Produce(produce::ProduceArgs),
     /// Run one cluster node.
     Node(node::NodeArgs),
     /// Run the deterministic simulator over many seeds (or one).
@@ -64,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Model(args) => actor::model(args),
         Command::Bench(args) => bench::run(args),
         Command::Node(args) => node::run(args),
+        Command::Produce(args) => produce::produce(args),
         Command::Sim(args) => sim::run(args),
         Command::Status(args) => status::run(args),
         Command::Up(args) => up::run(args),

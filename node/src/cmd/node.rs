@@ -284,8 +284,9 @@ async fn start_actors(
         Arc::new(events),
         behaviors,
         crate::vactors::ActorConfig::default(),
-        metrics,
+        metrics.clone(),
     );
+    let metrics_models = metrics;
     let hosted = Arc::new(std::sync::Mutex::new(SlotSet::EMPTY));
 
     // Memory reservations: half of the largest device's memory.
@@ -302,6 +303,10 @@ async fn start_actors(
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(2))
         .build(client.clone());
+    let js_models = async_nats::jetstream::ContextBuilder::new()
+        .timeout(crate::store::SETUP_TIMEOUT)
+        .build(client.clone());
+    let client_models = client.clone();
     let h = hosted.clone();
     let driver = crate::saga::SagaDriver {
         actors: crate::client::ActorClient::new(client.clone(), &cfg.cluster),
@@ -311,6 +316,21 @@ async fn start_actors(
         hosts: Arc::new(move |slot| h.lock().is_ok_and(|s| s.contains(slot))),
     };
     driver.spawn(Duration::from_millis(500));
+
+    // The delta pipeline: slot models of the serving models on the slots this node owns.
+    let checkpoints = crate::deltas::ensure(&js_models, &cfg.cluster, cfg.replicas).await?;
+    let h = hosted.clone();
+    let host = crate::deltas::ModelHost {
+        actors: crate::client::ActorClient::new(client_models.clone(), &cfg.cluster),
+        js: js_models,
+        client: client_models,
+        checkpoints,
+        cluster: cfg.cluster.clone(),
+        hosts: Arc::new(move |slot| h.lock().is_ok_and(|s| s.contains(slot))),
+        cfg: crate::deltas::SlotModelConfig::default(),
+        metrics: metrics_models,
+    };
+    host.spawn(Duration::from_millis(500));
 
     Ok(Arc::new(move |set: SlotSet, start: bool| {
         if let Ok(mut h) = hosted.lock() {

@@ -1,0 +1,829 @@
+//! The delta pipeline: producers publish frames per slot; on each slot's owner a slot model
+//! consumes its subject, validates, applies to the table, checkpoints, and answers reads.
+//!
+//! - Stream `<c>-deltas`, subjects `<c>.delta.<model>.<slot>` (frames, see `actors::frame`) and
+//!   `<c>.delta.<model>.dlq` (refused frames, with the reason in `Tessel-Dlq-Reason`).
+//! - **Exactly once**: delivery from the stream is at least once; each slot model remembers the
+//!   stream sequence it applied last (its position), saved in every checkpoint, and skips any
+//!   message at or below it. It reads with an ordered consumer from `position + 1`, so the
+//!   position is the whole consumer state: no server-side acks are needed.
+//! - **Checkpoints** in the object store `<c>-checkpoints`, object `<model>.<slot>.<position>`
+//!   (20 digits), every `checkpoint_every` deltas or `checkpoint_ms`, keeping the last
+//!   `keep_checkpoints`; a starting owner restores the newest and replays the tail.
+//! - **Reads**: `<c>.model.<model>.<slot>.get` with `{"rows": [...]}` → `{"ok": {"rows":
+//!   [[...], ...], "position": N}}`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actors::delta::{DeltaBatch, Hlc, slot_of_row, slot_rows};
+use actors::frame::{self, Frame};
+use async_nats::jetstream::{self, consumer, object_store, stream};
+use bytes::Bytes;
+use cluster::Slot;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use gpu::cpu::Table;
+use serde_json::{Value, json};
+use tokio::io::AsyncReadExt;
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+/// The deltas stream.
+pub fn deltas_stream(cluster: &str) -> String {
+    format!("{cluster}-deltas")
+}
+
+/// A model's slot subject.
+pub fn delta_subject(cluster: &str, model: &str, slot: Slot) -> String {
+    format!("{cluster}.delta.{model}.{}", slot.get())
+}
+
+/// A model's dead-letter subject.
+pub fn dlq_subject(cluster: &str, model: &str) -> String {
+    format!("{cluster}.delta.{model}.dlq")
+}
+
+/// A model slot's read subject.
+pub fn read_subject(cluster: &str, model: &str, slot: Slot) -> String {
+    format!("{cluster}.model.{model}.{}.get", slot.get())
+}
+
+/// The checkpoints bucket.
+pub fn checkpoints_bucket(cluster: &str) -> String {
+    format!("{cluster}-checkpoints")
+}
+
+/// The header with a refused frame's reason.
+pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
+
+/// Creates or binds the deltas stream and the checkpoints bucket.
+pub async fn ensure(
+    js: &jetstream::Context,
+    cluster: &str,
+    replicas: usize,
+) -> anyhow::Result<object_store::ObjectStore> {
+    let name = deltas_stream(cluster);
+    if js.get_stream(&name).await.is_err() {
+        let cfg = stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("{cluster}.delta.>")],
+            storage: stream::StorageType::File,
+            num_replicas: replicas,
+            max_message_size: i32::try_from(frame::MAX_FRAME_BYTES).unwrap_or(i32::MAX),
+            allow_direct: true,
+            ..Default::default()
+        };
+        if let Err(e) = js.create_stream(cfg).await {
+            js.get_stream(&name)
+                .await
+                .map_err(|_| anyhow::anyhow!("deltas stream: {e}"))?;
+        }
+    }
+    let bucket = checkpoints_bucket(cluster);
+    match js.get_object_store(&bucket).await {
+        Ok(s) => Ok(s),
+        Err(_) => match js
+            .create_object_store(object_store::Config {
+                bucket: bucket.clone(),
+                num_replicas: replicas,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => Ok(s),
+            Err(e) => js
+                .get_object_store(&bucket)
+                .await
+                .map_err(|_| anyhow::anyhow!("checkpoints bucket: {e}")),
+        },
+    }
+}
+
+/// Why a produce failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// A row outside the model or values of the wrong shape.
+    #[error("bad batch: {0}")]
+    BadBatch(String),
+    /// The server did not acknowledge.
+    #[error("publish failed: {0}")]
+    Publish(String),
+}
+
+/// What one `send` delivered.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Rows acknowledged by the server.
+    pub rows: u64,
+    /// Frames acknowledged.
+    pub batches: u64,
+}
+
+/// Publishes deltas of one model: splits each batch by slot, one frame per slot, chained per
+/// slot, with at most `max_in_flight` unacknowledged publishes.
+pub struct Producer {
+    js: jetstream::Context,
+    cluster: String,
+    model: String,
+    rows: u64,
+    dim: u32,
+    max_in_flight: usize,
+    clock: Hlc,
+    parents: HashMap<u16, u64>,
+}
+
+impl Producer {
+    /// A producer for `model` (`rows × dim`), identified as `node` in timestamps.
+    pub fn new(
+        js: jetstream::Context,
+        cluster: &str,
+        model: &str,
+        rows: u64,
+        dim: u32,
+        max_in_flight: usize,
+        node: u32,
+    ) -> Self {
+        Producer {
+            js,
+            cluster: cluster.into(),
+            model: model.into(),
+            rows,
+            dim,
+            max_in_flight: max_in_flight.max(1),
+            clock: Hlc::new(node),
+            parents: HashMap::new(),
+        }
+    }
+
+    /// Sends a batch (`values` row-major, `rows.len() × dim`); returns when every frame is
+    /// acknowledged by the server.
+    pub async fn send(&mut self, rows: &[u32], values: &[f32]) -> Result<Sent, ProduceError> {
+        let d = self.dim as usize;
+        if values.len() != rows.len() * d {
+            return Err(ProduceError::BadBatch(format!(
+                "{} values for {} rows of dim {d}",
+                values.len(),
+                rows.len()
+            )));
+        }
+        let mut by_slot: BTreeMap<u16, (Vec<u32>, Vec<f32>)> = BTreeMap::new();
+        for (i, &r) in rows.iter().enumerate() {
+            let slot = slot_of_row(self.rows, u64::from(r)).ok_or_else(|| {
+                ProduceError::BadBatch(format!("row {r} outside 0..{}", self.rows))
+            })?;
+            let e = by_slot.entry(slot.get()).or_default();
+            e.0.push(r);
+            e.1.extend_from_slice(&values[i * d..(i + 1) * d]);
+        }
+        let now = crate::store::wall_ms();
+        let mut acks = FuturesUnordered::new();
+        let mut sent = Sent::default();
+        for (slot, (r, v)) in by_slot {
+            let n = r.len() as u64;
+            let parent = self.parents.get(&slot).copied().unwrap_or(0);
+            let batch = DeltaBatch::new(self.dim, r, v, self.clock.tick(now), parent)
+                .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
+            self.parents.insert(slot, batch.checksum);
+            let bytes = frame::encode(&self.model, slot, &batch)
+                .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
+            let subject = format!("{}.delta.{}.{slot}", self.cluster, self.model);
+            let ack = self
+                .js
+                .publish(subject, Bytes::from(bytes))
+                .await
+                .map_err(|e| ProduceError::Publish(e.to_string()))?;
+            acks.push(async move { ack.await.map(|_| n) });
+            while acks.len() >= self.max_in_flight {
+                if let Some(r) = acks.next().await {
+                    sent.rows += r.map_err(|e| ProduceError::Publish(e.to_string()))?;
+                    sent.batches += 1;
+                }
+            }
+        }
+        while let Some(r) = acks.next().await {
+            sent.rows += r.map_err(|e| ProduceError::Publish(e.to_string()))?;
+            sent.batches += 1;
+        }
+        Ok(sent)
+    }
+}
+
+/// Limits and timings of a slot model.
+#[derive(Clone, Debug)]
+pub struct SlotModelConfig {
+    /// Most frames applied together.
+    pub window_frames: usize,
+    /// Most bytes of frames applied together.
+    pub window_bytes: usize,
+    /// Longest wait to fill a window.
+    pub window_ms: u64,
+    /// Refuse values with |v| above this.
+    pub max_abs: f32,
+    /// Checkpoint after this many frames…
+    pub checkpoint_every: u64,
+    /// …or this long.
+    pub checkpoint_ms: u64,
+    /// Checkpoints kept per slot.
+    pub keep_checkpoints: usize,
+    /// Threads for applying.
+    pub apply_threads: usize,
+}
+
+impl Default for SlotModelConfig {
+    fn default() -> Self {
+        SlotModelConfig {
+            window_frames: 256,
+            window_bytes: 8 << 20,
+            window_ms: 2,
+            max_abs: 1e6,
+            checkpoint_every: 10_000,
+            checkpoint_ms: 10_000,
+            keep_checkpoints: 3,
+            apply_threads: 1,
+        }
+    }
+}
+
+fn checkpoint_name(model: &str, slot: Slot, position: u64) -> String {
+    format!("{model}.{}.{position:020}", slot.get())
+}
+
+/// Encodes a checkpoint: a JSON header line, then the table's f32 data (little-endian).
+pub fn encode_checkpoint(table: &Table, position: u64, chains: &HashMap<u32, u64>) -> Vec<u8> {
+    let header = json!({"v": 1, "first_row": table.rows().start, "rows": table.rows().end - table.rows().start,
+        "dim": table.dim(), "position": position, "chains": chains, "checksum": data_checksum(table.data())});
+    let mut out = serde_json::to_vec(&header).unwrap_or_default();
+    out.push(b'\n');
+    out.reserve(table.data().len() * 4);
+    for v in table.data() {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// A checksum of a table's bits (for verifying checkpoints and replays).
+pub fn data_checksum(data: &[f32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in data {
+        for b in v.to_bits().to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Decodes a checkpoint for the expected shape.
+pub fn decode_checkpoint(
+    bytes: &[u8],
+    rows: std::ops::Range<u64>,
+    dim: usize,
+) -> Result<(Table, u64, HashMap<u32, u64>), String> {
+    let nl = bytes.iter().position(|b| *b == b'\n').ok_or("no header")?;
+    let h: Value = serde_json::from_slice(&bytes[..nl]).map_err(|e| e.to_string())?;
+    if h["v"] != 1
+        || h["first_row"].as_u64() != Some(rows.start)
+        || h["rows"].as_u64() != Some(rows.end - rows.start)
+        || h["dim"].as_u64() != Some(dim as u64)
+    {
+        return Err(format!(
+            "checkpoint shape {h} does not match rows {rows:?} dim {dim}"
+        ));
+    }
+    let data = &bytes[nl + 1..];
+    if data.len() != (rows.end - rows.start) as usize * dim * 4 {
+        return Err("checkpoint data length".into());
+    }
+    let mut table = Table::zeros(rows.clone(), dim);
+    let values: Vec<f32> = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if data_checksum(&values) != h["checksum"].as_u64().unwrap_or(0) {
+        return Err("checkpoint checksum".into());
+    }
+    let all: Vec<u32> = (rows.start..rows.end).map(|r| r as u32).collect();
+    table.apply(&all, &values, 1).map_err(|e| e.to_string())?;
+    let chains: HashMap<u32, u64> = serde_json::from_value(h["chains"].clone()).unwrap_or_default();
+    Ok((table, h["position"].as_u64().unwrap_or(0), chains))
+}
+
+/// One model's slot on its owner: the table, the position, the consumer.
+pub struct SlotModel {
+    /// Shared.
+    pub js: jetstream::Context,
+    /// Client for replies and DLQ.
+    pub client: async_nats::Client,
+    /// Checkpoints.
+    pub checkpoints: object_store::ObjectStore,
+    /// Cluster.
+    pub cluster: String,
+    /// Model.
+    pub model: String,
+    /// Total rows of the model.
+    pub rows: u64,
+    /// Columns.
+    pub dim: u32,
+    /// Slot.
+    pub slot: Slot,
+    /// Limits.
+    pub cfg: SlotModelConfig,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl SlotModel {
+    /// The newest readable checkpoint of the slot (or an empty table at position 0).
+    pub async fn restore(&self) -> (Table, u64, HashMap<u32, u64>) {
+        let range = slot_rows(self.rows, self.slot);
+        let prefix = format!("{}.{}.", self.model, self.slot.get());
+        let mut names = Vec::new();
+        if let Ok(mut list) = self.checkpoints.list().await {
+            while let Some(Ok(info)) = list.next().await {
+                if info.name.starts_with(&prefix) && !info.deleted {
+                    names.push(info.name);
+                }
+            }
+        }
+        names.sort();
+        for name in names.iter().rev() {
+            let Ok(mut obj) = self.checkpoints.get(name).await else {
+                continue;
+            };
+            let mut bytes = Vec::new();
+            if obj.read_to_end(&mut bytes).await.is_err() {
+                continue;
+            }
+            match decode_checkpoint(&bytes, range.clone(), self.dim as usize) {
+                Ok(v) => {
+                    info!(model = %self.model, slot = self.slot.get(), position = v.1, "restored checkpoint");
+                    return v;
+                }
+                Err(e) => {
+                    warn!(model = %self.model, slot = self.slot.get(), %name, error = %e, "skipping a bad checkpoint")
+                }
+            }
+        }
+        (Table::zeros(range, self.dim as usize), 0, HashMap::new())
+    }
+
+    async fn checkpoint(&self, table: &Table, position: u64, chains: &HashMap<u32, u64>) {
+        let name = checkpoint_name(&self.model, self.slot, position);
+        let bytes = encode_checkpoint(table, position, chains);
+        let mut reader = bytes.as_slice();
+        if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
+            warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
+            return;
+        }
+        Metrics::inc(&self.metrics.checkpoints_total);
+        // Keep the last K.
+        let prefix = format!("{}.{}.", self.model, self.slot.get());
+        let mut names = Vec::new();
+        if let Ok(mut list) = self.checkpoints.list().await {
+            while let Some(Ok(info)) = list.next().await {
+                if info.name.starts_with(&prefix) && !info.deleted {
+                    names.push(info.name);
+                }
+            }
+        }
+        names.sort();
+        let excess = names.len().saturating_sub(self.cfg.keep_checkpoints);
+        for old in names.into_iter().take(excess) {
+            let _ = self.checkpoints.delete(&old).await;
+        }
+    }
+
+    async fn dead_letter(&self, payload: Bytes, reason: &str) {
+        Metrics::inc(&self.metrics.deltas_rejected_total);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(DLQ_REASON_HEADER, reason);
+        h.insert("Tessel-Slot", self.slot.get().to_string().as_str());
+        match self
+            .js
+            .publish_with_headers(dlq_subject(&self.cluster, &self.model), h, payload)
+            .await
+        {
+            Ok(ack) => {
+                let _ = ack.await;
+            }
+            Err(e) => warn!(error = %e, "cannot dead-letter"),
+        }
+    }
+
+    /// Runs on the messages of its slot (from the model's pump) until the sender is dropped:
+    /// validate, apply in windows, checkpoint; a final checkpoint on the way out. `state` is
+    /// what [`SlotModel::restore`] returned.
+    pub async fn run(
+        self,
+        state: (Table, u64, HashMap<u32, u64>),
+        mut inbox: tokio::sync::mpsc::Receiver<jetstream::Message>,
+    ) {
+        let (mut table, mut position, mut chains) = state;
+        let range = table.rows();
+        let mut reads = match self
+            .client
+            .subscribe(read_subject(&self.cluster, &self.model, self.slot))
+            .await
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot serve reads");
+                None
+            }
+        };
+        let mut since_ckpt = 0u64;
+        let mut last_ckpt = Instant::now();
+        let window = Duration::from_millis(self.cfg.window_ms);
+        let mut open = true;
+        while open {
+            // Fill a window: the first message waits (reads are answered meanwhile), the rest
+            // only briefly.
+            let mut batch_rows: Vec<u32> = Vec::new();
+            let mut batch_values: Vec<f32> = Vec::new();
+            let mut frames = 0usize;
+            let mut bytes = 0usize;
+            loop {
+                let next = if frames == 0 {
+                    tokio::select! {
+                        m = inbox.recv() => m,
+                        r = async { match reads.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
+                            if let Some(req) = r {
+                                self.answer(&table, position, req).await;
+                            }
+                            continue;
+                        }
+                        _ = tokio::time::sleep(Duration::from_millis(self.cfg.checkpoint_ms)) => break,
+                    }
+                } else {
+                    match tokio::time::timeout(window, inbox.recv()).await {
+                        Ok(m) => m,
+                        Err(_) => break,
+                    }
+                };
+                let Some(msg) = next else {
+                    open = false;
+                    break;
+                };
+                let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+                if seq <= position {
+                    Metrics::inc(&self.metrics.deltas_skipped_total);
+                    continue;
+                }
+                position = seq;
+                frames += 1;
+                bytes += msg.payload.len();
+                match self.validate(&msg.payload, &range, &mut chains) {
+                    Ok(f) => {
+                        batch_rows.extend(f.rows());
+                        batch_values.extend(f.values());
+                    }
+                    Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
+                }
+                if frames >= self.cfg.window_frames || bytes >= self.cfg.window_bytes {
+                    break;
+                }
+            }
+            if !batch_rows.is_empty() {
+                match table.apply(&batch_rows, &batch_values, self.cfg.apply_threads) {
+                    Ok(()) => {
+                        self.metrics
+                            .deltas_applied_total
+                            .fetch_add(frames as u64, std::sync::atomic::Ordering::Relaxed);
+                        self.metrics.rows_applied_total.fetch_add(
+                            batch_rows.len() as u64,
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                    }
+                    Err(e) => warn!(error = %e, "apply refused a validated window"),
+                }
+            }
+            since_ckpt += frames as u64;
+            let due = since_ckpt >= self.cfg.checkpoint_every
+                || (since_ckpt > 0
+                    && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
+            if due || (!open && since_ckpt > 0) {
+                self.checkpoint(&table, position, &chains).await;
+                since_ckpt = 0;
+                last_ckpt = Instant::now();
+            }
+        }
+        debug!(model = %self.model, slot = self.slot.get(), position, "slot model stopped");
+    }
+
+    fn validate<'a>(
+        &self,
+        payload: &'a [u8],
+        range: &std::ops::Range<u64>,
+        chains: &mut HashMap<u32, u64>,
+    ) -> Result<Frame<'a>, String> {
+        let f = Frame::decode(payload).map_err(|e| format!("frame: {e}"))?;
+        if f.model != self.model || f.slot != self.slot.get() {
+            return Err(format!(
+                "frame for {}/{} on {}/{}",
+                f.model,
+                f.slot,
+                self.model,
+                self.slot.get()
+            ));
+        }
+        if f.dim != self.dim {
+            return Err(format!("dim {} for a model of dim {}", f.dim, self.dim));
+        }
+        if !f.verify() {
+            return Err("checksum does not match the content".into());
+        }
+        let previous = chains.get(&f.ts.node).copied().unwrap_or(0);
+        // A chain starts at parent 0 (a new producer); otherwise it continues the last batch.
+        let broken = f.parent != 0 && f.parent != previous;
+        chains.insert(f.ts.node, f.checksum);
+        if broken {
+            return Err(format!(
+                "broken chain: parent {:x}, last {:x}",
+                f.parent, previous
+            ));
+        }
+        for r in f.rows() {
+            if !range.contains(&u64::from(r)) {
+                return Err(format!("row {r} outside the slot's rows {range:?}"));
+            }
+        }
+        for (i, v) in f.values().enumerate() {
+            if !v.is_finite() {
+                return Err(format!("value {i} is not finite"));
+            }
+            if v.abs() > self.cfg.max_abs {
+                return Err(format!("|value| {v} above {}", self.cfg.max_abs));
+            }
+        }
+        Ok(f)
+    }
+
+    async fn answer(&self, table: &Table, position: u64, req: async_nats::Message) {
+        let Some(reply) = req.reply else { return };
+        let body = match serde_json::from_slice::<Value>(&req.payload) {
+            Ok(v) => {
+                let rows: Vec<u32> = v["rows"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                match table.gather(&rows) {
+                    Ok(vals) => {
+                        let d = table.dim().max(1);
+                        let out: Vec<&[f32]> = vals.chunks(d).collect();
+                        json!({"ok": {"rows": out, "position": position}})
+                    }
+                    Err(e) => json!({"error": {"kind": "bad_request", "message": e.to_string()}}),
+                }
+            }
+            Err(e) => json!({"error": {"kind": "bad_request", "message": e.to_string()}}),
+        };
+        let _ = self
+            .client
+            .publish(reply, Bytes::from(body.to_string()))
+            .await;
+    }
+}
+
+/// Reads rows of a model from the owners of their slots.
+pub async fn get_rows(
+    client: &async_nats::Client,
+    cluster: &str,
+    model: &str,
+    total_rows: u64,
+    rows: &[u32],
+    timeout: Duration,
+) -> Result<Vec<Vec<f32>>, String> {
+    let mut by_slot: BTreeMap<u16, Vec<(usize, u32)>> = BTreeMap::new();
+    for (i, &r) in rows.iter().enumerate() {
+        let s = slot_of_row(total_rows, u64::from(r))
+            .ok_or_else(|| format!("row {r} outside 0..{total_rows}"))?;
+        by_slot.entry(s.get()).or_default().push((i, r));
+    }
+    let mut out = vec![Vec::new(); rows.len()];
+    for (slot, items) in by_slot {
+        let slot = Slot::new(u64::from(slot)).map_err(|e| e.to_string())?;
+        let body = json!({"rows": items.iter().map(|(_, r)| r).collect::<Vec<_>>()});
+        let started = Instant::now();
+        let v: Value = loop {
+            let req = async_nats::Request::new()
+                .payload(Bytes::from(body.to_string()))
+                .timeout(Some(Duration::from_secs(2)));
+            match client
+                .send_request(read_subject(cluster, model, slot), req)
+                .await
+            {
+                Ok(m) => break serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?,
+                Err(e) if started.elapsed() < timeout => {
+                    debug!(error = %e, "read retry");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(format!("slot {}: {e}", slot.get())),
+            }
+        };
+        let got = v["ok"]["rows"]
+            .as_array()
+            .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
+        for ((i, _), row) in items.iter().zip(got) {
+            out[*i] = row
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64().map(|f| f as f32))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+    }
+    Ok(out)
+}
+
+/// Runs the slot models of the serving models whose slots this node owns, starting and
+/// stopping them as models start serving or retire and as slots move (a stopped slot model
+/// applies what it has and checkpoints before it lets go).
+pub struct ModelHost {
+    /// Asks model actors for their state.
+    pub actors: crate::client::ActorClient,
+    /// JetStream.
+    pub js: jetstream::Context,
+    /// NATS.
+    pub client: async_nats::Client,
+    /// Checkpoints.
+    pub checkpoints: object_store::ObjectStore,
+    /// Cluster.
+    pub cluster: String,
+    /// Whether this node owns a slot now.
+    pub hosts: Arc<dyn Fn(Slot) -> bool + Send + Sync>,
+    /// Limits of each slot model.
+    pub cfg: SlotModelConfig,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// The slot models of one model on this node, fed by one ordered consumer.
+struct Group {
+    slots: std::collections::BTreeSet<u16>,
+    pump: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ModelHost {
+    /// Reconciles every `interval` until the task is dropped.
+    pub fn spawn(self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut running: HashMap<String, Group> = HashMap::new();
+            let mut every = tokio::time::interval(interval);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                self.reconcile(&mut running).await;
+            }
+        })
+    }
+
+    async fn reconcile(&self, running: &mut HashMap<String, Group>) {
+        let Ok(names) = crate::saga::model_names(&self.js, &self.cluster).await else {
+            return;
+        };
+        let mut want: HashMap<String, (u64, u32, std::collections::BTreeSet<u16>)> = HashMap::new();
+        for name in names {
+            let Ok(key) = actors::es::ActorKey::new("model", &name) else {
+                continue;
+            };
+            let Ok((v, _)) = self
+                .actors
+                .ask(&key, &json!({"cmd": "describe"}), Duration::from_secs(2))
+                .await
+            else {
+                continue;
+            };
+            if v["state"] != "Serving" {
+                continue;
+            }
+            let (Some(rows), Some(dim)) = (
+                v["rows"].as_u64(),
+                v["dim"].as_u64().and_then(|d| u32::try_from(d).ok()),
+            ) else {
+                continue;
+            };
+            let slots: std::collections::BTreeSet<u16> = Slot::all()
+                .filter(|s| (self.hosts)(*s) && !slot_rows(rows, *s).is_empty())
+                .map(|s| s.get())
+                .collect();
+            if !slots.is_empty() {
+                want.insert(name, (rows, dim, slots));
+            }
+        }
+        // A model whose slots changed is stopped (each slot checkpoints) and started again
+        // (each restores its checkpoint): simple, and exactly once by position.
+        let stale: Vec<String> = running
+            .iter()
+            .filter(|(m, g)| want.get(*m).is_none_or(|w| w.2 != g.slots) || g.pump.is_finished())
+            .map(|(m, _)| m.clone())
+            .collect();
+        for m in stale {
+            if let Some(g) = running.remove(&m) {
+                g.pump.abort();
+                for t in g.tasks {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+                }
+            }
+        }
+        for (model, (rows, dim, slots)) in want {
+            if running.contains_key(&model) {
+                continue;
+            }
+            match self.start_group(&model, rows, dim, &slots).await {
+                Ok(g) => {
+                    running.insert(model, g);
+                }
+                Err(e) => warn!(%model, error = %e, "cannot start the model's slots"),
+            }
+        }
+    }
+
+    async fn start_group(
+        &self,
+        model: &str,
+        rows: u64,
+        dim: u32,
+        slots: &std::collections::BTreeSet<u16>,
+    ) -> anyhow::Result<Group> {
+        let mut models = Vec::new();
+        for &slot in slots {
+            models.push(SlotModel {
+                js: self.js.clone(),
+                client: self.client.clone(),
+                checkpoints: self.checkpoints.clone(),
+                cluster: self.cluster.clone(),
+                model: model.to_string(),
+                rows,
+                dim,
+                slot: Slot::new(u64::from(slot))?,
+                cfg: self.cfg.clone(),
+                metrics: self.metrics.clone(),
+            });
+        }
+        let states = futures::future::join_all(models.iter().map(|m| m.restore())).await;
+        let start = states.iter().map(|s| s.1).min().unwrap_or(0);
+        let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<jetstream::Message>> =
+            HashMap::new();
+        let mut tasks = Vec::new();
+        for (m, state) in models.into_iter().zip(states) {
+            let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
+            inboxes.insert(m.slot.get(), tx);
+            tasks.push(tokio::spawn(m.run(state, rx)));
+        }
+        let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
+        let filters: Vec<String> = slots
+            .iter()
+            .map(|s| format!("{}.delta.{model}.{s}", self.cluster))
+            .collect();
+        let cfg = consumer::pull::OrderedConfig {
+            filter_subjects: filters,
+            deliver_policy: if start > 0 {
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start + 1,
+                }
+            } else {
+                consumer::DeliverPolicy::All
+            },
+            ..Default::default()
+        };
+        let mut messages = stream.create_consumer(cfg).await?.messages().await?;
+        let prefix = format!("{}.delta.{model}.", self.cluster);
+        let pump = tokio::spawn(async move {
+            while let Some(item) = messages.next().await {
+                let msg = match item {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "delta consumer failed; it restarts at the next reconcile");
+                        break;
+                    }
+                };
+                let slot = msg
+                    .subject
+                    .strip_prefix(prefix.as_str())
+                    .and_then(|s| s.parse::<u16>().ok());
+                if let Some(tx) = slot.and_then(|s| inboxes.get(&s))
+                    && tx.send(msg).await.is_err()
+                {
+                    break;
+                }
+            }
+            // Dropping the senders lets each slot model apply, checkpoint and stop.
+        });
+        info!(%model, slots = slots.len(), from = start, "serving the model's slots");
+        Ok(Group {
+            slots: slots.clone(),
+            pump,
+            tasks,
+        })
+    }
+}
