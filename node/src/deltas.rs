@@ -827,3 +827,205 @@ impl ModelHost {
         })
     }
 }
+
+/// Reads a whole slot's rows and its applied position from the owner.
+pub async fn get_slot(
+    client: &async_nats::Client,
+    cluster: &str,
+    model: &str,
+    total_rows: u64,
+    slot: Slot,
+    timeout: Duration,
+) -> Result<(Vec<f32>, u64), String> {
+    let range = slot_rows(total_rows, slot);
+    let rows: Vec<u64> = range.collect();
+    let body = json!({"rows": rows});
+    let started = Instant::now();
+    let v: Value = loop {
+        let req = async_nats::Request::new()
+            .payload(Bytes::from(body.to_string()))
+            .timeout(Some(Duration::from_secs(5)));
+        match client
+            .send_request(read_subject(cluster, model, slot), req)
+            .await
+        {
+            Ok(m) => break serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?,
+            Err(e) if started.elapsed() < timeout => {
+                debug!(error = %e, "read retry");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(format!("slot {}: {e}", slot.get())),
+        }
+    };
+    let got = v["ok"]["rows"]
+        .as_array()
+        .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
+    let data: Vec<f32> = got
+        .iter()
+        .flat_map(|r| r.as_array().cloned().unwrap_or_default())
+        .filter_map(|x| x.as_f64().map(|f| f as f32))
+        .collect();
+    Ok((data, v["ok"]["position"].as_u64().unwrap_or(0)))
+}
+
+/// Rebuilds a model's slot tables offline with one ordered consumer over the model's subjects:
+/// each slot starts from its newest checkpoint at or below its limit (`to_seq(slot)`), then
+/// applies its deltas after that checkpoint up to the limit, validated exactly as the live path
+/// does. `progress` is called with the stream sequences read so far and the last one.
+pub async fn replay_model(
+    template: &SlotModel,
+    to_seq: &dyn Fn(Slot) -> u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<BTreeMap<u16, Table>, String> {
+    let mut names = Vec::new();
+    if let Ok(mut list) = template.checkpoints.list().await {
+        while let Some(Ok(info)) = list.next().await {
+            if info.name.starts_with(&format!("{}.", template.model)) && !info.deleted {
+                names.push(info.name);
+            }
+        }
+    }
+    names.sort();
+    struct S {
+        model: SlotModel,
+        table: Table,
+        position: u64,
+        chains: HashMap<u32, u64>,
+        limit: u64,
+        range: std::ops::Range<u64>,
+    }
+    let mut slots: BTreeMap<u16, S> = BTreeMap::new();
+    for slot in Slot::all() {
+        let range = slot_rows(template.rows, slot);
+        if range.is_empty() {
+            continue;
+        }
+        let limit = to_seq(slot);
+        let model = SlotModel {
+            slot,
+            metrics: template.metrics.clone(),
+            cfg: template.cfg.clone(),
+            ..template.shallow()
+        };
+        let mut state = (
+            Table::zeros(range.clone(), template.dim as usize),
+            0u64,
+            HashMap::new(),
+        );
+        let prefix = format!("{}.{}.", template.model, slot.get());
+        for name in names.iter().rev().filter(|n| n.starts_with(&prefix)) {
+            let pos: u64 = name
+                .rsplit('.')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(u64::MAX);
+            if pos > limit {
+                continue;
+            }
+            let Ok(mut obj) = template.checkpoints.get(name).await else {
+                continue;
+            };
+            let mut bytes = Vec::new();
+            if obj.read_to_end(&mut bytes).await.is_ok()
+                && let Ok(s) = decode_checkpoint(&bytes, range.clone(), template.dim as usize)
+            {
+                state = s;
+                break;
+            }
+        }
+        slots.insert(
+            slot.get(),
+            S {
+                model,
+                table: state.0,
+                position: state.1,
+                chains: state.2,
+                limit,
+                range,
+            },
+        );
+    }
+    let stream = template
+        .js
+        .get_stream(deltas_stream(&template.cluster))
+        .await
+        .map_err(|e| e.to_string())?;
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence;
+    let start = slots.values().map(|s| s.position).min().unwrap_or(0);
+    let end = slots.values().map(|s| s.limit).max().unwrap_or(0).min(last);
+    if end > start {
+        let prefix = format!("{}.delta.{}.", template.cluster, template.model);
+        let cfg = consumer::pull::OrderedConfig {
+            filter_subject: format!("{prefix}*"),
+            deliver_policy: if start > 0 {
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start + 1,
+                }
+            } else {
+                consumer::DeliverPolicy::All
+            },
+            ..Default::default()
+        };
+        let mut messages = stream
+            .create_consumer(cfg)
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            let msg = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                // Nothing more of this model before the end: done.
+                Err(_) => break,
+                _ => return Err("the replay consumer failed".into()),
+            };
+            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+            progress(seq, end);
+            if let Some(s) = msg
+                .subject
+                .strip_prefix(prefix.as_str())
+                .and_then(|s| s.parse::<u16>().ok())
+                .and_then(|s| slots.get_mut(&s))
+                && seq > s.position
+                && seq <= s.limit
+            {
+                s.position = seq;
+                if let Ok(f) = s.model.validate(&msg.payload, &s.range, &mut s.chains) {
+                    let rows: Vec<u32> = f.rows().collect();
+                    let values: Vec<f32> = f.values().collect();
+                    s.table
+                        .apply(&rows, &values, 1)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            if seq >= end {
+                break;
+            }
+        }
+    }
+    Ok(slots.into_iter().map(|(k, s)| (k, s.table)).collect())
+}
+
+impl SlotModel {
+    /// A copy sharing the handles (for replay).
+    fn shallow(&self) -> SlotModel {
+        SlotModel {
+            js: self.js.clone(),
+            client: self.client.clone(),
+            checkpoints: self.checkpoints.clone(),
+            cluster: self.cluster.clone(),
+            model: self.model.clone(),
+            rows: self.rows,
+            dim: self.dim,
+            slot: self.slot,
+            cfg: self.cfg.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}

@@ -124,6 +124,23 @@ async fn every_acknowledged_delta_is_applied_exactly_once_across_a_node_kill() {
     }
     c.wait_settled_on(&["n1", "n3"], SETTLE).await;
     wait_equal(&c, "m", &counts).await;
+    // Checkpoints plus the stream rebuild every slot bit for bit as the live tables are.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args([
+            "replay",
+            "--model",
+            "m",
+            "--verify",
+            "--json",
+            "--nats",
+            &c.nats.url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["differing_slots"], json!([]));
+    assert_eq!(v["slots"], 1024);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

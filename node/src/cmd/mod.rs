@@ -8,6 +8,7 @@ pub mod actor;
 pub mod bench;
 pub mod node;
 pub mod produce;
+pub mod replay;
 pub mod sim;
 pub mod status;
 pub mod up;
@@ -32,6 +33,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Publish deltas to a model: the workload generator.
     Produce(produce::ProduceArgs),
+    /// Rebuild a model's tables from checkpoints and the stream; `--verify` against the live ones.
+    Replay(replay::ReplayArgs),
     /// Run one cluster node.
     Node(node::NodeArgs),
     /// Run the deterministic simulator over many seeds (or one).
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Node(args) => node::run(args),
         Command::Produce(args) => produce::produce(args),
+        Command::Replay(args) => replay::run(args),
         Command::Sim(args) => sim::run(args),
         Command::Status(args) => status::run(args),
         Command::Up(args) => up::run(args),

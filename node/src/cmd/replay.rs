@@ -1,0 +1,151 @@
+//! `tessel replay`: rebuilds a model's tables offline from checkpoints and the stream, and with
+//! `--verify` compares every slot with the live cluster at the live position.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use actors::delta::slot_rows;
+use clap::Args;
+use cluster::Slot;
+use serde_json::json;
+
+use crate::cmd::actor::Target;
+use crate::deltas::{SlotModel, SlotModelConfig, data_checksum, ensure, get_slot, replay_model};
+use crate::metrics::Metrics;
+
+/// Arguments of `tessel replay`.
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The model.
+    #[arg(long)]
+    model: String,
+    /// Replay up to this stream sequence (default: everything).
+    #[arg(long)]
+    to_seq: Option<u64>,
+    /// Write the rebuilt table here (little-endian f32, row-major, all rows).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+    /// Compare each slot with the live owner's table at the owner's position.
+    #[arg(long)]
+    verify: bool,
+    /// One JSON object at the end.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `tessel replay`.
+pub fn run(args: ReplayArgs) -> ExitCode {
+    let Some(rt) = crate::cmd::runtime("tessel replay") else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async {
+        let client = match args.target.connect().await {
+            Ok(c) => c,
+            Err(c) => return c,
+        };
+        let actors = crate::client::ActorClient::new(client.clone(), &args.target.cluster);
+        let (rows, dim) = match crate::cmd::produce::model_shape(&actors, &args.model).await {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("tessel replay: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let js = async_nats::jetstream::new(client.clone());
+        let checkpoints = match ensure(&js, &args.target.cluster, 1).await {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("tessel replay: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut out = match &args.out {
+            Some(p) => match std::fs::File::create(p) {
+                Ok(f) => Some(std::io::BufWriter::new(f)),
+                Err(e) => {
+                    eprintln!("tessel replay: {}: {e}", p.display());
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
+        // The live tables and positions first (with --verify), then one pass over the stream.
+        let mut live = std::collections::BTreeMap::new();
+        if args.verify {
+            for slot in Slot::all() {
+                if slot_rows(rows, slot).is_empty() {
+                    continue;
+                }
+                match get_slot(&client, &args.target.cluster, &args.model, rows, slot, Duration::from_secs(10)).await {
+                    Ok(v) => {
+                        live.insert(slot.get(), v);
+                    }
+                    Err(e) => {
+                        eprintln!("tessel replay: live read of slot {}: {e}", slot.get());
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+        }
+        let template = SlotModel {
+            js: js.clone(),
+            client: client.clone(),
+            checkpoints: checkpoints.clone(),
+            cluster: args.target.cluster.clone(),
+            model: args.model.clone(),
+            rows,
+            dim,
+            slot: Slot::from_hash(0),
+            cfg: SlotModelConfig::default(),
+            metrics: std::sync::Arc::new(Metrics::default()),
+        };
+        let limit = |slot: Slot| live.get(&slot.get()).map(|(_, p)| *p).or(args.to_seq).unwrap_or(u64::MAX);
+        let mut last_print = std::time::Instant::now();
+        let quiet = args.json;
+        let mut progress = |seq: u64, end: u64| {
+            if !quiet && last_print.elapsed() >= Duration::from_secs(1) {
+                eprintln!("replay: sequence {seq} of {end}");
+                last_print = std::time::Instant::now();
+            }
+        };
+        let tables = match replay_model(&template, &limit, &mut progress).await {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tessel replay: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut differing = Vec::new();
+        let (mut slots_done, mut rows_done) = (0u64, 0u64);
+        for (slot, table) in &tables {
+            if let Some((data, _)) = live.get(slot)
+                && data_checksum(data) != data_checksum(table.data())
+            {
+                differing.push(*slot);
+            }
+            if let Some(w) = out.as_mut() {
+                for v in table.data() {
+                    if w.write_all(&v.to_le_bytes()).is_err() {
+                        eprintln!("tessel replay: write failed");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            slots_done += 1;
+            rows_done += table.rows().end - table.rows().start;
+        }
+        let report = json!({"model": args.model, "slots": slots_done, "rows": rows_done, "verified": args.verify, "differing_slots": differing});
+        if args.json {
+            println!("{report}");
+        } else if args.verify {
+            println!("replay: {slots_done} slots, {rows_done} rows rebuilt; {} differ from the live tables{}", differing.len(),
+                if differing.is_empty() { String::new() } else { format!(": {differing:?}") });
+        } else {
+            println!("replay: {slots_done} slots, {rows_done} rows rebuilt");
+        }
+        if differing.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    })
+}
