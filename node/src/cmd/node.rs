@@ -266,14 +266,15 @@ async fn start_actors(
     let setup = async_nats::jetstream::ContextBuilder::new()
         .timeout(crate::store::SETUP_TIMEOUT)
         .build(client.clone());
-    let events = crate::eventstore::JetStreamEventStore::open(
-        setup,
-        &cfg.cluster,
-        cfg.replicas,
-        cfg.max_record_bytes,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("event store: {e}"))?;
+    let events = with_retries("event store", || {
+        crate::eventstore::JetStreamEventStore::open(
+            setup.clone(),
+            &cfg.cluster,
+            cfg.replicas,
+            cfg.max_record_bytes,
+        )
+    })
+    .await?;
     let behaviors: Vec<Arc<dyn Behavior>> = vec![
         Arc::new(Typed::<Counter>::default()),
         Arc::new(Typed::<Model>::default()),
@@ -318,7 +319,10 @@ async fn start_actors(
     driver.spawn(Duration::from_millis(500));
 
     // The delta pipeline: slot models of the serving models on the slots this node owns.
-    let checkpoints = crate::deltas::ensure(&js_models, &cfg.cluster, cfg.replicas).await?;
+    let checkpoints = with_retries("deltas stream and checkpoints", || {
+        crate::deltas::ensure(&js_models, &cfg.cluster, cfg.replicas)
+    })
+    .await?;
     let h = hosted.clone();
     let host = crate::deltas::ModelHost {
         actors: crate::client::ActorClient::new(client_models.clone(), &cfg.cluster),
@@ -346,4 +350,24 @@ async fn start_actors(
             rt.set_slot(slot, start);
         }
     }))
+}
+
+/// Retries a setup step while other nodes create the same streams on a forming cluster (a
+/// replicated stream can be briefly invisible from a server that did not create it).
+async fn with_retries<T, E: std::fmt::Display, F: std::future::Future<Output = Result<T, E>>>(
+    what: &str,
+    mut step: impl FnMut() -> F,
+) -> anyhow::Result<T> {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match step().await {
+            Ok(v) => return Ok(v),
+            Err(e) if attempt < crate::store::SETUP_ATTEMPTS => {
+                warn!(what, attempt, error = %e, "setup failed; retrying");
+                tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
+            }
+            Err(e) => return Err(anyhow::anyhow!("{what}: {e}")),
+        }
+    }
 }
