@@ -57,7 +57,7 @@ pub enum SagaStep {
 }
 
 /// A model's state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ModelState {
     /// Its lifecycle status.
     pub state: ModelStatus,
@@ -77,6 +77,12 @@ pub struct ModelState {
     pub inject_failure: Option<SagaStep>,
     /// Whether the delta consumers were started.
     pub consumers: bool,
+    /// Deltas are multiplied by this before they are applied (1 when absent).
+    #[serde(default)]
+    pub scale: Option<f32>,
+    /// Then clipped to ±this (no clipping when absent).
+    #[serde(default)]
+    pub clip: Option<f32>,
 }
 
 impl ModelState {
@@ -122,6 +128,12 @@ pub enum ModelCommand {
         /// Fail the saga at this step (tests of compensation).
         #[serde(default)]
         inject_failure: Option<SagaStep>,
+        /// Multiply every delta value by this.
+        #[serde(default)]
+        scale: Option<f32>,
+        /// Clip every (scaled) delta value to ±this.
+        #[serde(default)]
+        clip: Option<f32>,
     },
     /// Read the state.
     Describe,
@@ -163,7 +175,7 @@ fn default_dtype() -> String {
 }
 
 /// Events of a model actor.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum ModelEvent {
     /// Registered.
@@ -176,6 +188,12 @@ pub enum ModelEvent {
         dtype: String,
         /// Injected failure.
         inject_failure: Option<SagaStep>,
+        /// Delta scale.
+        #[serde(default)]
+        scale: Option<f32>,
+        /// Delta clip.
+        #[serde(default)]
+        clip: Option<f32>,
     },
     /// Placement planned.
     PlacingStarted {
@@ -237,7 +255,14 @@ impl Aggregate for Model {
                 dim,
                 dtype,
                 inject_failure,
+                scale,
+                clip,
             } => {
+                if scale.is_some_and(|x| !x.is_finite())
+                    || clip.is_some_and(|c| !(c.is_finite() && c > 0.0))
+                {
+                    return reject("invalid", "scale must be finite and clip positive");
+                }
                 if s.state != St::Absent {
                     return reject("exists", "the model already exists");
                 }
@@ -255,6 +280,8 @@ impl Aggregate for Model {
                     dim,
                     dtype,
                     inject_failure,
+                    scale,
+                    clip,
                 }])
             }
             ModelCommand::BeginPlacing { plan } => match s.state {
@@ -307,8 +334,12 @@ impl Aggregate for Model {
                 dim,
                 dtype,
                 inject_failure,
+                scale,
+                clip,
             } => {
                 s.state = ModelStatus::Created;
+                s.scale = *scale;
+                s.clip = *clip;
                 s.rows = *rows;
                 s.dim = *dim;
                 s.dtype = dtype.clone();
@@ -360,6 +391,8 @@ mod tests {
                 dim: 4,
                 dtype: "f32".into(),
                 inject_failure: None,
+                scale: None,
+                clip: None,
             },
         )
         .unwrap();
@@ -426,6 +459,8 @@ mod tests {
                     dim,
                     dtype: dtype.into(),
                     inject_failure: None,
+                    scale: None,
+                    clip: None,
                 },
             );
             assert_eq!(r.unwrap_err().code, "invalid");

@@ -64,7 +64,7 @@ pub enum LogFormat {
 }
 
 /// Everything a node needs to run. Durations and sizes carry their unit in the name.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
     /// The cluster name: a prefix of every bucket, stream and subject (`[A-Za-z0-9_-]`, ≤ 32).
@@ -115,6 +115,20 @@ pub struct NodeConfig {
     pub slot_queue_len: usize,
     /// Added to this node's clock (chaos tests skew clocks with it).
     pub clock_offset_ms: i64,
+    /// Most delta frames a slot applies together.
+    pub delta_window_frames: usize,
+    /// Most delta bytes a slot applies together.
+    pub delta_window_bytes: usize,
+    /// Longest wait to fill a delta window.
+    pub delta_window_ms: u64,
+    /// Deltas with a value above this magnitude are dead-lettered.
+    pub delta_max_abs: f32,
+    /// A slot checkpoints after this many frames…
+    pub checkpoint_every_frames: u64,
+    /// …or this long.
+    pub checkpoint_interval_ms: u64,
+    /// Checkpoints kept per slot.
+    pub checkpoints_kept: usize,
     /// NATS user (with `password`).
     pub user: Option<String>,
     /// NATS password.
@@ -159,6 +173,13 @@ impl Default for NodeConfig {
             restart_window_ms: 60_000,
             slot_queue_len: 10_000,
             clock_offset_ms: 0,
+            delta_window_frames: 256,
+            delta_window_bytes: 8 << 20,
+            delta_window_ms: 2,
+            delta_max_abs: 1e6,
+            checkpoint_every_frames: 10_000,
+            checkpoint_interval_ms: 10_000,
+            checkpoints_kept: 3,
             user: None,
             password: None,
             creds_file: None,
@@ -273,6 +294,22 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The delta pipeline's part of the configuration.
+    pub fn slot_model(&self) -> crate::deltas::SlotModelConfig {
+        crate::deltas::SlotModelConfig {
+            window_frames: self.delta_window_frames,
+            window_bytes: self.delta_window_bytes,
+            window_ms: self.delta_window_ms,
+            max_abs: self.delta_max_abs,
+            checkpoint_every: self.checkpoint_every_frames,
+            checkpoint_ms: self.checkpoint_interval_ms,
+            keep_checkpoints: self.checkpoints_kept,
+            apply_threads: 1,
+            scale: 1.0,
+            clip: None,
+        }
+    }
+
     /// The core's part of the configuration.
     pub fn core(&self) -> CoreConfig {
         CoreConfig {
@@ -348,6 +385,37 @@ impl NodeConfig {
             86_400_000,
         )?;
         range("slot_queue_len", self.slot_queue_len as u64, 1, 10_000_000)?;
+        range(
+            "delta_window_frames",
+            self.delta_window_frames as u64,
+            1,
+            100_000,
+        )?;
+        range(
+            "delta_window_bytes",
+            self.delta_window_bytes as u64,
+            1_024,
+            1 << 30,
+        )?;
+        range("delta_window_ms", self.delta_window_ms, 0, 10_000)?;
+        if !(self.delta_max_abs.is_finite() && self.delta_max_abs > 0.0) {
+            return Err(ConfigError::Invalid(
+                "delta_max_abs must be a positive finite number".into(),
+            ));
+        }
+        range(
+            "checkpoint_every_frames",
+            self.checkpoint_every_frames,
+            1,
+            100_000_000,
+        )?;
+        range(
+            "checkpoint_interval_ms",
+            self.checkpoint_interval_ms,
+            100,
+            86_400_000,
+        )?;
+        range("checkpoints_kept", self.checkpoints_kept as u64, 1, 1_000)?;
         if self.clock_offset_ms.unsigned_abs() > 3_600_000 {
             return Err(ConfigError::Invalid(
                 "clock_offset_ms must be within ±1 hour".into(),

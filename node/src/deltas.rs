@@ -230,6 +230,10 @@ pub struct SlotModelConfig {
     pub keep_checkpoints: usize,
     /// Threads for applying.
     pub apply_threads: usize,
+    /// The model's transform: values are multiplied by this…
+    pub scale: f32,
+    /// …then clipped to ±this.
+    pub clip: Option<f32>,
 }
 
 impl Default for SlotModelConfig {
@@ -243,6 +247,8 @@ impl Default for SlotModelConfig {
             checkpoint_ms: 10_000,
             keep_checkpoints: 3,
             apply_threads: 1,
+            scale: 1.0,
+            clip: None,
         }
     }
 }
@@ -478,7 +484,7 @@ impl SlotModel {
                 match self.validate(&msg.payload, &range, &mut chains) {
                     Ok(f) => {
                         batch_rows.extend(f.rows());
-                        batch_values.extend(f.values());
+                        batch_values.extend(f.values().map(|v| self.transform(v)));
                     }
                     Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
                 }
@@ -513,7 +519,17 @@ impl SlotModel {
         debug!(model = %self.model, slot = self.slot.get(), position, "slot model stopped");
     }
 
-    fn validate<'a>(
+    /// The model's transform of one value: scale, then clip.
+    pub fn transform(&self, v: f32) -> f32 {
+        let v = v * self.cfg.scale;
+        match self.cfg.clip {
+            Some(c) => v.clamp(-c, c),
+            None => v,
+        }
+    }
+
+    /// The live path's validation (shared with replay).
+    pub fn validate<'a>(
         &self,
         payload: &'a [u8],
         range: &std::ops::Range<u64>,
@@ -692,6 +708,7 @@ impl ModelHost {
             return;
         };
         let mut want: HashMap<String, (u64, u32, std::collections::BTreeSet<u16>)> = HashMap::new();
+        let mut transforms: HashMap<String, (f32, Option<f32>)> = HashMap::new();
         for name in names {
             let Ok(key) = actors::es::ActorKey::new("model", &name) else {
                 continue;
@@ -717,6 +734,9 @@ impl ModelHost {
                 .map(|s| s.get())
                 .collect();
             if !slots.is_empty() {
+                let scale = v["scale"].as_f64().map_or(1.0, |x| x as f32);
+                let clip = v["clip"].as_f64().map(|x| x as f32);
+                transforms.insert(name.clone(), (scale, clip));
                 want.insert(name, (rows, dim, slots));
             }
         }
@@ -739,7 +759,11 @@ impl ModelHost {
             if running.contains_key(&model) {
                 continue;
             }
-            match self.start_group(&model, rows, dim, &slots).await {
+            let (scale, clip) = transforms.get(&model).copied().unwrap_or((1.0, None));
+            match self
+                .start_group(&model, rows, dim, &slots, scale, clip)
+                .await
+            {
                 Ok(g) => {
                     running.insert(model, g);
                 }
@@ -754,6 +778,8 @@ impl ModelHost {
         rows: u64,
         dim: u32,
         slots: &std::collections::BTreeSet<u16>,
+        scale: f32,
+        clip: Option<f32>,
     ) -> anyhow::Result<Group> {
         let mut models = Vec::new();
         for &slot in slots {
@@ -766,7 +792,11 @@ impl ModelHost {
                 rows,
                 dim,
                 slot: Slot::new(u64::from(slot))?,
-                cfg: self.cfg.clone(),
+                cfg: SlotModelConfig {
+                    scale,
+                    clip,
+                    ..self.cfg.clone()
+                },
                 metrics: self.metrics.clone(),
             });
         }
@@ -998,7 +1028,7 @@ pub async fn replay_model(
                 s.position = seq;
                 if let Ok(f) = s.model.validate(&msg.payload, &s.range, &mut s.chains) {
                     let rows: Vec<u32> = f.rows().collect();
-                    let values: Vec<f32> = f.values().collect();
+                    let values: Vec<f32> = f.values().map(|v| s.model.transform(v)).collect();
                     s.table
                         .apply(&rows, &values, 1)
                         .map_err(|e| e.to_string())?;

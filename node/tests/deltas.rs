@@ -19,14 +19,14 @@ const ROWS: u64 = 2_048;
 const DIM: u32 = 2;
 
 async fn serving(c: &TestCluster, model: &str) {
+    serving_with(c, model, json!({"cmd": "create", "rows": ROWS, "dim": DIM})).await
+}
+
+async fn serving_with(c: &TestCluster, model: &str, create: serde_json::Value) {
     let actors = ActorClient::new(c.client.clone(), "tessel");
     let key = ActorKey::new("model", model).unwrap();
     actors
-        .ask(
-            &key,
-            &json!({"cmd": "create", "rows": ROWS, "dim": DIM}),
-            Duration::from_secs(10),
-        )
+        .ask(&key, &create, Duration::from_secs(10))
         .await
         .unwrap();
     for _ in 0..200 {
@@ -203,4 +203,25 @@ async fn invalid_deltas_go_to_the_dlq_and_leave_the_table_alone() {
     }
     assert_eq!(reasons.len(), n_bad, "{reasons:?}");
     assert!(reasons.iter().all(|r| !r.is_empty()), "{reasons:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_models_transform_scales_then_clips() {
+    let c = TestCluster::start(1, 3).await;
+    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    serving_with(
+        &c,
+        "t",
+        json!({"cmd": "create", "rows": ROWS, "dim": DIM, "scale": 2.0, "clip": 3.0}),
+    )
+    .await;
+    let js = async_nats::jetstream::new(c.client.clone());
+    let mut producer = Producer::new(js, "tessel", "t", ROWS, DIM, 8, 1);
+    // 1 → 2 (scaled); 5 → 10 → 3 (clipped); -5 → -3.
+    producer
+        .send(&[1, 2, 3], &[1.0, 1.0, 5.0, 5.0, -5.0, -5.0])
+        .await
+        .unwrap();
+    let expect: HashMap<u32, f32> = [(1, 2.0), (2, 3.0), (3, -3.0)].into();
+    wait_equal(&c, "t", &expect).await;
 }

@@ -209,6 +209,12 @@ enum ModelCommand {
         /// f32, f16 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Multiply every delta value by this before applying it.
+        #[arg(long)]
+        scale: Option<f32>,
+        /// Clip every (scaled) delta value to ±this.
+        #[arg(long)]
+        clip: Option<f32>,
     },
     /// List the models.
     List {
@@ -262,7 +268,7 @@ pub fn model(args: ModelArgs) -> ExitCode {
             }
         };
         match args.command {
-            ModelCommand::Create { name, rows, dim, dtype } => {
+            ModelCommand::Create { name, rows, dim, dtype, scale, clip } => {
                 let k = match ActorKey::new("model", &name) {
                     Ok(k) => k,
                     Err(e) => {
@@ -270,7 +276,7 @@ pub fn model(args: ModelArgs) -> ExitCode {
                         return ExitCode::from(2);
                     }
                 };
-                let cmd = json!({"cmd": "create", "rows": rows, "dim": dim, "dtype": dtype});
+                let cmd = json!({"cmd": "create", "rows": rows, "dim": dim, "dtype": dtype, "scale": scale, "clip": clip});
                 match actors.ask(&k, &cmd, timeout).await {
                     Ok((v, _)) => {
                         println!("model {name} created ({}); the deploy saga has started", v["state"].as_str().unwrap_or("?"));

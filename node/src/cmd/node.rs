@@ -331,7 +331,7 @@ async fn start_actors(
         checkpoints,
         cluster: cfg.cluster.clone(),
         hosts: Arc::new(move |slot| h.lock().is_ok_and(|s| s.contains(slot))),
-        cfg: crate::deltas::SlotModelConfig::default(),
+        cfg: cfg.slot_model(),
         metrics: metrics_models,
     };
     host.spawn(Duration::from_millis(500));
