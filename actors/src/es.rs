@@ -213,7 +213,13 @@ pub fn validate_append(events: &[NewEvent]) -> Result<(), StoreError> {
             events.len()
         )));
     }
-    for e in events {
+    for (i, e) in events.iter().enumerate() {
+        if events[..i].iter().any(|o| o.id == e.id) {
+            return Err(StoreError::InvalidKey(format!(
+                "event id {:?} twice in one append",
+                e.id
+            )));
+        }
         if !token(&e.id, 128) {
             return Err(StoreError::InvalidKey(format!("event id {:?}", e.id)));
         }

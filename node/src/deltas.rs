@@ -272,14 +272,9 @@ pub fn encode_checkpoint(table: &Table, position: u64, chains: &HashMap<u32, u64
 
 /// A checksum of a table's bits (for verifying checkpoints and replays).
 pub fn data_checksum(data: &[f32]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for v in data {
-        for b in v.to_bits().to_le_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
+    data.iter().fold(actors::delta::FNV_OFFSET, |h, v| {
+        actors::delta::fnv(h, &v.to_bits().to_le_bytes())
+    })
 }
 
 /// Decodes a checkpoint for the expected shape.
@@ -342,10 +337,9 @@ pub struct SlotModel {
 }
 
 impl SlotModel {
-    /// The newest readable checkpoint of the slot (or an empty table at position 0).
-    pub async fn restore(&self) -> (Table, u64, HashMap<u32, u64>) {
-        let range = slot_rows(self.rows, self.slot);
-        let prefix = format!("{}.{}.", self.model, self.slot.get());
+    /// The names of this model's checkpoints (of every slot), oldest first.
+    async fn checkpoint_names(&self) -> Vec<String> {
+        let prefix = format!("{}.", self.model);
         let mut names = Vec::new();
         if let Ok(mut list) = self.checkpoints.list().await {
             while let Some(Ok(info)) = list.next().await {
@@ -355,7 +349,33 @@ impl SlotModel {
             }
         }
         names.sort();
-        for name in names.iter().rev() {
+        names
+    }
+
+    /// The names among `names` that belong to this slot.
+    fn own<'a>(&self, names: &'a [String]) -> impl DoubleEndedIterator<Item = &'a String> {
+        let prefix = format!("{}.{}.", self.model, self.slot.get());
+        names.iter().filter(move |n| n.starts_with(&prefix))
+    }
+
+    /// The newest readable checkpoint of the slot (or an empty table at position 0).
+    pub async fn restore(&self) -> (Table, u64, HashMap<u32, u64>) {
+        let names = self.checkpoint_names().await;
+        self.restore_from(&names, u64::MAX).await
+    }
+
+    /// The newest readable checkpoint among `names` at a position of at most `limit`.
+    async fn restore_from(&self, names: &[String], limit: u64) -> (Table, u64, HashMap<u32, u64>) {
+        let range = slot_rows(self.rows, self.slot);
+        for name in self.own(names).rev() {
+            let pos: u64 = name
+                .rsplit('.')
+                .next()
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(u64::MAX);
+            if pos > limit {
+                continue;
+            }
             let Ok(mut obj) = self.checkpoints.get(name).await else {
                 continue;
             };
@@ -386,16 +406,7 @@ impl SlotModel {
         }
         Metrics::inc(&self.metrics.checkpoints_total);
         // Keep the last K.
-        let prefix = format!("{}.{}.", self.model, self.slot.get());
-        let mut names = Vec::new();
-        if let Ok(mut list) = self.checkpoints.list().await {
-            while let Some(Ok(info)) = list.next().await {
-                if info.name.starts_with(&prefix) && !info.deleted {
-                    names.push(info.name);
-                }
-            }
-        }
-        names.sort();
+        let names: Vec<String> = self.own(&self.checkpoint_names().await).cloned().collect();
         let excess = names.len().saturating_sub(self.cfg.keep_checkpoints);
         for old in names.into_iter().take(excess) {
             let _ = self.checkpoints.delete(&old).await;
@@ -626,23 +637,16 @@ pub async fn get_rows(
     for (slot, items) in by_slot {
         let slot = Slot::new(u64::from(slot)).map_err(|e| e.to_string())?;
         let body = json!({"rows": items.iter().map(|(_, r)| r).collect::<Vec<_>>()});
-        let started = Instant::now();
-        let v: Value = loop {
-            let req = async_nats::Request::new()
-                .payload(Bytes::from(body.to_string()))
-                .timeout(Some(Duration::from_secs(2)));
-            match client
-                .send_request(read_subject(cluster, model, slot), req)
-                .await
-            {
-                Ok(m) => break serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?,
-                Err(e) if started.elapsed() < timeout => {
-                    debug!(error = %e, "read retry");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(e) => return Err(format!("slot {}: {e}", slot.get())),
-            }
-        };
+        let v = read_request(
+            client,
+            cluster,
+            model,
+            slot,
+            &body,
+            Duration::from_secs(2),
+            timeout,
+        )
+        .await?;
         let got = v["ok"]["rows"]
             .as_array()
             .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
@@ -858,6 +862,35 @@ impl ModelHost {
     }
 }
 
+/// Sends a read to a slot's owner, retrying (while a slot moves) until `timeout`.
+async fn read_request(
+    client: &async_nats::Client,
+    cluster: &str,
+    model: &str,
+    slot: Slot,
+    body: &Value,
+    attempt: Duration,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let started = Instant::now();
+    loop {
+        let req = async_nats::Request::new()
+            .payload(Bytes::from(body.to_string()))
+            .timeout(Some(attempt));
+        match client
+            .send_request(read_subject(cluster, model, slot), req)
+            .await
+        {
+            Ok(m) => return serde_json::from_slice(&m.payload).map_err(|e| e.to_string()),
+            Err(e) if started.elapsed() < timeout => {
+                debug!(error = %e, "read retry");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(format!("slot {}: {e}", slot.get())),
+        }
+    }
+}
+
 /// Reads a whole slot's rows and its applied position from the owner.
 pub async fn get_slot(
     client: &async_nats::Client,
@@ -870,23 +903,16 @@ pub async fn get_slot(
     let range = slot_rows(total_rows, slot);
     let rows: Vec<u64> = range.collect();
     let body = json!({"rows": rows});
-    let started = Instant::now();
-    let v: Value = loop {
-        let req = async_nats::Request::new()
-            .payload(Bytes::from(body.to_string()))
-            .timeout(Some(Duration::from_secs(5)));
-        match client
-            .send_request(read_subject(cluster, model, slot), req)
-            .await
-        {
-            Ok(m) => break serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?,
-            Err(e) if started.elapsed() < timeout => {
-                debug!(error = %e, "read retry");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(format!("slot {}: {e}", slot.get())),
-        }
-    };
+    let v = read_request(
+        client,
+        cluster,
+        model,
+        slot,
+        &body,
+        Duration::from_secs(5),
+        timeout,
+    )
+    .await?;
     let got = v["ok"]["rows"]
         .as_array()
         .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
@@ -907,15 +933,7 @@ pub async fn replay_model(
     to_seq: &dyn Fn(Slot) -> u64,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<BTreeMap<u16, Table>, String> {
-    let mut names = Vec::new();
-    if let Ok(mut list) = template.checkpoints.list().await {
-        while let Some(Ok(info)) = list.next().await {
-            if info.name.starts_with(&format!("{}.", template.model)) && !info.deleted {
-                names.push(info.name);
-            }
-        }
-    }
-    names.sort();
+    let names = template.checkpoint_names().await;
     struct S {
         model: SlotModel,
         table: Table,
@@ -931,38 +949,8 @@ pub async fn replay_model(
             continue;
         }
         let limit = to_seq(slot);
-        let model = SlotModel {
-            slot,
-            metrics: template.metrics.clone(),
-            cfg: template.cfg.clone(),
-            ..template.shallow()
-        };
-        let mut state = (
-            Table::zeros(range.clone(), template.dim as usize),
-            0u64,
-            HashMap::new(),
-        );
-        let prefix = format!("{}.{}.", template.model, slot.get());
-        for name in names.iter().rev().filter(|n| n.starts_with(&prefix)) {
-            let pos: u64 = name
-                .rsplit('.')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(u64::MAX);
-            if pos > limit {
-                continue;
-            }
-            let Ok(mut obj) = template.checkpoints.get(name).await else {
-                continue;
-            };
-            let mut bytes = Vec::new();
-            if obj.read_to_end(&mut bytes).await.is_ok()
-                && let Ok(s) = decode_checkpoint(&bytes, range.clone(), template.dim as usize)
-            {
-                state = s;
-                break;
-            }
-        }
+        let model = template.for_slot(slot);
+        let state = model.restore_from(&names, limit).await;
         slots.insert(
             slot.get(),
             S {
@@ -1043,8 +1031,8 @@ pub async fn replay_model(
 }
 
 impl SlotModel {
-    /// A copy sharing the handles (for replay).
-    fn shallow(&self) -> SlotModel {
+    /// The same model's slot `slot`, sharing the handles (for replay).
+    fn for_slot(&self, slot: Slot) -> SlotModel {
         SlotModel {
             js: self.js.clone(),
             client: self.client.clone(),
@@ -1053,7 +1041,7 @@ impl SlotModel {
             model: self.model.clone(),
             rows: self.rows,
             dim: self.dim,
-            slot: self.slot,
+            slot,
             cfg: self.cfg.clone(),
             metrics: self.metrics.clone(),
         }

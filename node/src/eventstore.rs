@@ -137,19 +137,6 @@ pub const MAX_CACHED_POSITIONS: usize = 100_000;
 /// The actor's last event: its version, its stream sequence and its id.
 type Last = Option<(u64, u64, String)>;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn valid_cluster(cluster: &str) -> bool {
-    !cluster.is_empty()
-        && cluster
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-}
-
 /// The JetStream API error code somewhere in an error's chain.
 fn api_code(err: &(dyn StdError + 'static)) -> Option<ErrorCode> {
     let mut cur = Some(err);
@@ -351,7 +338,7 @@ impl JetStreamEventStore {
         replicas: usize,
         max_event_bytes: usize,
     ) -> Result<Self, StoreError> {
-        if !valid_cluster(cluster) {
+        if crate::config::validate_cluster_name(cluster).is_err() {
             return Err(StoreError::InvalidKey(format!("cluster name {cluster:?}")));
         }
         let config = stream::Config {
@@ -467,7 +454,7 @@ impl JetStreamEventStore {
         events: &[NewEvent],
     ) -> Result<Vec<(HeaderMap, Bytes)>, StoreError> {
         let batch = (events.len() > 1).then(|| self.next_batch_id());
-        let timestamp_ms = now_ms();
+        let timestamp_ms = crate::store::wall_ms();
         let mut out = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             let version = expected_version + 1 + i as u64;
@@ -605,14 +592,6 @@ impl EventStore for JetStreamEventStore {
                 "an append needs at least one event".into(),
             ));
         };
-        for (i, e) in events.iter().enumerate() {
-            if events[..i].iter().any(|o| o.id == e.id) {
-                return Err(StoreError::InvalidKey(format!(
-                    "event id {:?} twice in one append",
-                    e.id
-                )));
-            }
-        }
         let target = expected_version
             .checked_add(events.len() as u64)
             .ok_or_else(|| StoreError::InvalidKey("version overflow".into()))?;

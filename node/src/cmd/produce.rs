@@ -86,17 +86,9 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     rt.block_on(async {
-        let client = match args.target.connect().await {
-            Ok(c) => c,
-            Err(c) => return c,
-        };
-        let actors = crate::client::ActorClient::new(client.clone(), &args.target.cluster);
-        let (rows, dim) = match model_shape(&actors, &args.model).await {
+        let (client, rows, dim) = match connect_to_model(&args.target, "tessel produce", &args.model).await {
             Ok(v) => v,
-            Err(e) => {
-                eprintln!("tessel produce: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(c) => return c,
         };
         let js = async_nats::jetstream::new(client);
         let mut producer = Producer::new(js, &args.target.cluster, &args.model, rows, dim, args.max_in_flight, std::process::id());
@@ -149,6 +141,24 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
     })
 }
 
+/// Connects and reads a serving model's shape: (client, rows, dim); prints why and returns the
+/// exit code otherwise.
+pub async fn connect_to_model(
+    target: &Target,
+    who: &str,
+    model: &str,
+) -> Result<(async_nats::Client, u64, u32), ExitCode> {
+    let client = target.connect().await?;
+    let actors = crate::client::ActorClient::new(client.clone(), &target.cluster);
+    match model_shape(&actors, model).await {
+        Ok((rows, dim)) => Ok((client, rows, dim)),
+        Err(e) => {
+            eprintln!("{who}: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
+}
+
 /// A serving model's (rows, dim).
 pub async fn model_shape(
     actors: &crate::client::ActorClient,
@@ -178,17 +188,9 @@ pub async fn get(target: &Target, model: &str, rows: &str, json_out: bool) -> Ex
         eprintln!("tessel model get: --rows takes comma-separated row numbers");
         return ExitCode::from(2);
     };
-    let client = match target.connect().await {
-        Ok(c) => c,
-        Err(c) => return c,
-    };
-    let actors = crate::client::ActorClient::new(client.clone(), &target.cluster);
-    let (total, _) = match model_shape(&actors, model).await {
+    let (client, total, _) = match connect_to_model(target, "tessel model get", model).await {
         Ok(v) => v,
-        Err(e) => {
-            eprintln!("tessel model get: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(c) => return c,
     };
     match crate::deltas::get_rows(
         &client,

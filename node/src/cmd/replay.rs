@@ -42,17 +42,9 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     rt.block_on(async {
-        let client = match args.target.connect().await {
-            Ok(c) => c,
-            Err(c) => return c,
-        };
-        let actors = crate::client::ActorClient::new(client.clone(), &args.target.cluster);
-        let (rows, dim) = match crate::cmd::produce::model_shape(&actors, &args.model).await {
+        let (client, rows, dim) = match crate::cmd::produce::connect_to_model(&args.target, "tessel replay", &args.model).await {
             Ok(v) => v,
-            Err(e) => {
-                eprintln!("tessel replay: {e}");
-                return ExitCode::FAILURE;
-            }
+            Err(c) => return c,
         };
         let js = async_nats::jetstream::new(client.clone());
         let checkpoints = match ensure(&js, &args.target.cluster, 1).await {
