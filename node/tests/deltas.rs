@@ -90,46 +90,48 @@ async fn wait_equal(c: &TestCluster, model: &str, expect: &HashMap<u32, f32>) {
     panic!("{last}\n{logs}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_acknowledged_delta_is_applied_exactly_once_across_a_node_kill() {
-    let mut c = TestCluster::start(1, 3).await;
-    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
-    serving(&c, "m").await;
+/// Publishes random 64-row batches of ones to `model` for `seconds` in a background task and
+/// returns how many times each row was acknowledged. Only acknowledged sends count; every send
+/// must be acknowledged (a failed send may be partly stored, so the test could not count it).
+fn produce_ones(
+    c: &TestCluster,
+    model: &str,
+    seconds: u64,
+) -> tokio::task::JoinHandle<HashMap<u32, f32>> {
     let js = async_nats::jetstream::new(c.client.clone());
-    let mut producer = Producer::new(js, "tessel", "m", ROWS, DIM, 32, 7);
-    let mut counts: HashMap<u32, f32> = HashMap::new();
-    let mut x = 0x1234_5678_9abc_def1u64;
-    let started = Instant::now();
-    let mut killed = false;
-    while started.elapsed() < Duration::from_secs(4) {
-        let rows: Vec<u32> = (0..64)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % ROWS) as u32
-            })
-            .collect();
-        let values = vec![1.0f32; rows.len() * DIM as usize];
-        // Only acknowledged sends count; a failed send may be partly stored, so stop counting.
-        let sent = producer.send(&rows, &values).await.unwrap();
-        assert_eq!(sent.rows, 64);
-        for r in rows {
-            *counts.entry(r).or_insert(0.0) += 1.0;
+    let mut producer = Producer::new(js, "tessel", model, ROWS, DIM, 32, 7);
+    tokio::spawn(async move {
+        let mut counts: HashMap<u32, f32> = HashMap::new();
+        let mut x = 0x1234_5678_9abc_def1u64;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(seconds) {
+            let rows: Vec<u32> = (0..64)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x % ROWS) as u32
+                })
+                .collect();
+            let values = vec![1.0f32; rows.len() * DIM as usize];
+            let sent = producer.send(&rows, &values).await.unwrap();
+            assert_eq!(sent.rows, 64);
+            for r in rows {
+                *counts.entry(r).or_insert(0.0) += 1.0;
+            }
         }
-        if !killed && started.elapsed() > Duration::from_millis(1_500) {
-            c.kill9("n2").await;
-            killed = true;
-        }
-    }
-    c.wait_settled_on(&["n1", "n3"], SETTLE).await;
-    wait_equal(&c, "m", &counts).await;
-    // Checkpoints plus the stream rebuild every slot bit for bit as the live tables are.
+        counts
+    })
+}
+
+/// `tessel replay --verify`: checkpoints plus the stream rebuild every slot bit for bit as the
+/// live tables are.
+fn replay_verifies(c: &TestCluster, model: &str) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
         .args([
             "replay",
             "--model",
-            "m",
+            model,
             "--verify",
             "--json",
             "--nats",
@@ -141,6 +143,38 @@ async fn every_acknowledged_delta_is_applied_exactly_once_across_a_node_kill() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["differing_slots"], json!([]));
     assert_eq!(v["slots"], 1024);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_delta_is_applied_exactly_once_across_a_node_kill() {
+    let mut c = TestCluster::start(1, 3).await;
+    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    serving(&c, "m").await;
+    let load = produce_ones(&c, "m", 4);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    c.kill9("n2").await;
+    let counts = load.await.unwrap();
+    c.wait_settled_on(&["n1", "n3"], SETTLE).await;
+    wait_equal(&c, "m", &counts).await;
+    replay_verifies(&c, "m");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_under_load_loses_nothing() {
+    // Two nodes under load; a third joins (slots move to it), then one leaves gracefully
+    // (its slots drain away), all while the producer runs.
+    let mut c = TestCluster::start(1, 2).await;
+    c.wait_settled_on(&["n1", "n2"], SETTLE).await;
+    serving(&c, "r").await;
+    let load = produce_ones(&c, "r", 6);
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    c.spawn("n3");
+    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    c.signal("n1", nix::sys::signal::Signal::SIGTERM);
+    let counts = load.await.unwrap();
+    c.wait_settled_on(&["n2", "n3"], SETTLE).await;
+    wait_equal(&c, "r", &counts).await;
+    replay_verifies(&c, "r");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
