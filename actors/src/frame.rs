@@ -25,7 +25,7 @@
 //! The frame's length must be exactly the header, the name, the padding, the rows and the
 //! values: anything shorter is truncated, anything longer is refused.
 
-use crate::delta::{DeltaBatch, Hlc, checksum};
+use crate::delta::{DeltaBatch, Hlc, checksum_le};
 
 /// The magic bytes.
 pub const MAGIC: &[u8; 4] = b"TSDL";
@@ -217,8 +217,7 @@ impl<'a> Frame<'a> {
 
     /// Whether the checksum matches the content.
     pub fn verify(&self) -> bool {
-        let rows: Vec<u32> = self.rows().collect();
-        checksum(self.parent, self.dim, &rows, self.values()) == self.checksum
+        checksum_le(self.parent, self.dim, self.rows, self.values) == self.checksum
     }
 
     /// Copies into an owned batch.

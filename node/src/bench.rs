@@ -509,6 +509,373 @@ async fn actor_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     Ok(out)
 }
 
+/// Creates `model` (`rows × dim`) through its registry actor and waits until it serves.
+pub async fn serve_model(
+    client: &async_nats::Client,
+    cluster: &str,
+    model: &str,
+    rows: u64,
+    dim: u32,
+) -> anyhow::Result<()> {
+    let actors = crate::client::ActorClient::new(client.clone(), cluster);
+    let key = actors::es::ActorKey::new("model", model)?;
+    let create = serde_json::json!({"cmd": "create", "rows": rows, "dim": dim});
+    actors.ask(&key, &create, Duration::from_secs(10)).await?;
+    let started = Instant::now();
+    while started.elapsed() < LIMIT {
+        let (v, _) = actors
+            .ask(
+                &key,
+                &serde_json::json!({"cmd": "describe"}),
+                Duration::from_secs(10),
+            )
+            .await?;
+        if v["state"] == "Serving" {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("model {model} did not reach Serving within {LIMIT:?}")
+}
+
+/// Resident memory of a process in bytes, from `/proc/<pid>/status`.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// A xorshift generator for workload rows (deterministic, no dependency).
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The delta pipeline's figures against raw JetStream in the same run, on one nats-server and
+/// one node (dim 64, f32): end-to-end applied rows/s against a raw publish plus ordered consume
+/// of the same frames; publish → applied latency at half that rate; replay against a raw
+/// ordered consumer of the same stream; the node's resident memory per table byte.
+pub async fn deltas(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    quick: bool,
+) -> anyhow::Result<Vec<BenchResult>> {
+    // No checkpoints during the run, so that the replay figure replays the whole stream.
+    let env = vec![
+        ("RUST_LOG".into(), "warn".into()),
+        ("TESSEL_CHECKPOINT_INTERVAL_MS".into(), "3600000".into()),
+        ("TESSEL_CHECKPOINT_EVERY_FRAMES".into(), "100000000".into()),
+    ];
+    let mut c = LocalCluster::start(dir, bin, 1, 1, env).await?;
+    let result = delta_figures(&c, quick).await;
+    c.shutdown().await;
+    result
+}
+
+async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchResult>> {
+    use crate::deltas::{Producer, applied_subject};
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures::StreamExt;
+
+    const DIM: u32 = 64;
+    const BATCH: usize = 65_536;
+    const IN_FLIGHT: usize = 256;
+    const MODEL: &str = "bench";
+    let rows: u64 = if quick { 1 << 18 } else { 1 << 20 };
+    let batches: usize = if quick { 16 } else { 48 };
+    let probes: usize = if quick { 200 } else { 1_000 };
+    c.wait_settled_on(&["n1"], LIMIT, POLL).await?;
+    let pid = c
+        .nodes
+        .get("n1")
+        .and_then(|n| n.pid())
+        .ok_or_else(|| anyhow::anyhow!("node n1 has no pid"))?;
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build(c.client.clone());
+    let mut out = Vec::new();
+
+    // The workload: `batches` batches of BATCH uniform rows (about 64 rows per slot frame),
+    // then a fence of one row in every slot.
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut workload: Vec<Vec<u32>> = (0..batches)
+        .map(|_| (0..BATCH).map(|_| (rng.next() % rows) as u32).collect())
+        .collect();
+    let fence: Vec<u32> = cluster::Slot::all()
+        .map(|s| actors::delta::slot_rows(rows, s).start as u32)
+        .collect();
+    let fence_frames = fence.len();
+    workload.push(fence);
+    let frames_of = |batch: &[u32]| -> u64 {
+        let slots: std::collections::BTreeSet<u16> = batch
+            .iter()
+            .filter_map(|r| actors::delta::slot_of_row(rows, u64::from(*r)).map(|s| s.get()))
+            .collect();
+        slots.len() as u64
+    };
+    let total_frames: u64 = workload.iter().map(|b| frames_of(b)).sum();
+    let total_rows: usize = workload.iter().map(Vec::len).sum();
+    let values = vec![0.5f32; BATCH * DIM as usize];
+    eprintln!(
+        "bench: deltas: {total_rows} rows of dim {DIM} in {total_frames} frames, table {} MiB",
+        (rows * u64::from(DIM) * 4) >> 20
+    );
+
+    // Raw: the same frames through a plain stream, published with the same bound on acks in
+    // flight and consumed concurrently by an ordered consumer in this process.
+    js.create_stream(stream::Config {
+        name: "rawdelta".into(),
+        subjects: vec!["rawdelta.delta.>".into()],
+        max_message_size: i32::try_from(actors::frame::MAX_FRAME_BYTES).unwrap_or(i32::MAX),
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await?;
+    let mut raw_msgs = js
+        .get_stream("rawdelta")
+        .await?
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: "rawdelta.delta.>".into(),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let consume = tokio::spawn(async move {
+        let mut frames = 0u64;
+        while frames < total_frames {
+            match tokio::time::timeout(Duration::from_secs(10), raw_msgs.next()).await {
+                Ok(Some(Ok(_))) => frames += 1,
+                _ => break,
+            }
+        }
+        (frames, Instant::now())
+    });
+    let mut raw_producer = Producer::new(js.clone(), "rawdelta", MODEL, rows, DIM, IN_FLIGHT, 1);
+    let t0 = Instant::now();
+    for batch in &workload {
+        raw_producer
+            .send(batch, &values[..batch.len() * DIM as usize])
+            .await?;
+    }
+    let (raw_frames, raw_done) = consume.await?;
+    anyhow::ensure!(
+        raw_frames == total_frames,
+        "raw consumer read {raw_frames} of {total_frames} frames"
+    );
+    let raw_rate = total_rows as f64 / (raw_done - t0).as_secs_f64();
+    js.delete_stream("rawdelta").await?;
+
+    // tessel: the same batches through a Producer to the model's owner, timed until the
+    // owner has applied the fence (one traced frame per slot; slots apply in stream order).
+    let rss_before = rss_bytes(pid).unwrap_or(0);
+    serve_model(&c.client, "tessel", MODEL, rows, DIM).await?;
+    let mut notices = c.client.subscribe(applied_subject("tessel", MODEL)).await?;
+    let (tx, mut applied) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let listener = tokio::spawn(async move {
+        while let Some(m) = notices.next().await {
+            let id = String::from_utf8_lossy(&m.payload).into_owned();
+            if tx.send((id, Instant::now())).is_err() {
+                break;
+            }
+        }
+    });
+    // Wait until the owner serves (a traced probe comes back) before timing.
+    let mut producer = Producer::new(js.clone(), "tessel", MODEL, rows, DIM, IN_FLIGHT, 2);
+    let mut ready = false;
+    for i in 0..200 {
+        let id = format!("ready-{i}");
+        producer
+            .send_traced(&[0], &values[..DIM as usize], Some(&id))
+            .await?;
+        if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), applied.recv()).await
+        {
+            ready = true;
+            break;
+        }
+    }
+    anyhow::ensure!(ready, "the model's owner never applied a probe");
+    while applied.try_recv().is_ok() {}
+    let t0 = Instant::now();
+    let last = workload.len() - 1;
+    for (i, batch) in workload.iter().enumerate() {
+        let trace = (i == last).then_some("fence");
+        producer
+            .send_traced(batch, &values[..batch.len() * DIM as usize], trace)
+            .await?;
+    }
+    let mut fenced = 0usize;
+    let mut done = t0;
+    while fenced < fence_frames {
+        match tokio::time::timeout(Duration::from_secs(30), applied.recv()).await {
+            Ok(Some((id, at))) if id == "fence" => {
+                fenced += 1;
+                done = at;
+            }
+            Ok(Some(_)) => {}
+            _ => anyhow::bail!("the fence was applied on {fenced} of {fence_frames} slots"),
+        }
+    }
+    let tessel_rate = total_rows as f64 / (done - t0).as_secs_f64();
+    eprintln!("bench: deltas end to end: tessel {tessel_rate:.0} rows/s, raw {raw_rate:.0} rows/s");
+    out.push(BenchResult::new(
+        "delta end to end, dim 64 (rows applied/s)",
+        tessel_rate,
+        "rows/s",
+        Some(("raw JetStream publish + consume", raw_rate)),
+    ));
+    let rss_after = rss_bytes(pid).unwrap_or(0);
+    let table_bytes = rows * u64::from(DIM) * 4;
+    out.push(BenchResult::new(
+        "node memory growth per table byte",
+        rss_after.saturating_sub(rss_before) as f64 / table_bytes as f64,
+        "x",
+        None,
+    ));
+
+    // Latency at half the measured rate: a paced background load of 4,096-row batches (64
+    // slots each), and a traced one-row probe every 10 ms, timed from before its publish until
+    // its owner announces it applied.
+    let half = tessel_rate / 2.0;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        let mut bg = Producer::new(js.clone(), "tessel", MODEL, rows, DIM, IN_FLIGHT, 3);
+        let values = values.clone();
+        let per_slot = (rows / 1024).max(1);
+        tokio::spawn(async move {
+            let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+            let period = Duration::from_secs_f64(4_096.0 / half);
+            let mut due = Instant::now();
+            let mut sent = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let first = (rng.next() % 1024).min(1024 - 64) * per_slot;
+                let batch: Vec<u32> = (0..4_096)
+                    .map(|_| ((first + rng.next() % (64 * per_slot)) % rows) as u32)
+                    .collect();
+                bg.send(&batch, &values[..batch.len() * DIM as usize])
+                    .await?;
+                sent += batch.len() as u64;
+                due += period;
+                tokio::time::sleep_until(due.into()).await;
+            }
+            anyhow::Ok(sent)
+        })
+    };
+    let load_started = Instant::now();
+    let mut latencies = Vec::with_capacity(probes);
+    let mut early: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    for i in 0..probes {
+        let id = format!("p{i}");
+        let row = (rng.next() % rows) as u32;
+        let t0 = Instant::now();
+        producer
+            .send_traced(&[row], &values[..DIM as usize], Some(&id))
+            .await?;
+        let at = loop {
+            if let Some(at) = early.remove(&id) {
+                break at;
+            }
+            match tokio::time::timeout(Duration::from_secs(10), applied.recv()).await {
+                Ok(Some((got, at))) if got == id => break at,
+                Ok(Some((got, at))) => {
+                    early.insert(got, at);
+                }
+                _ => anyhow::bail!("probe {id} was never applied"),
+            }
+        };
+        latencies.push(ms(at - t0));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let load_rows = load.await??;
+    let load_rate = load_rows as f64 / load_started.elapsed().as_secs_f64();
+    listener.abort();
+    latencies.sort_by(f64::total_cmp);
+    eprintln!(
+        "bench: deltas latency at {load_rate:.0} rows/s (target {half:.0}): p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0)
+    );
+    for p in [50.0, 99.0] {
+        out.push(BenchResult::new(
+            &format!("delta publish → applied at half rate, p{p}"),
+            percentile(&latencies, p),
+            "ms",
+            None,
+        ));
+    }
+
+    // Replay: the whole model rebuilt offline (no checkpoints exist: the bench node's interval
+    // is longer than the run), against a raw ordered consumer of the same messages.
+    let prefix = format!("tessel.delta.{MODEL}.");
+    let t0 = Instant::now();
+    let mut raw_rows = 0u64;
+    let mut messages = js
+        .get_stream(crate::deltas::deltas_stream("tessel"))
+        .await?
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!("{prefix}*"),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let end = js
+        .get_stream(crate::deltas::deltas_stream("tessel"))
+        .await?
+        .get_info()
+        .await?
+        .state
+        .last_sequence;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+    {
+        raw_rows += actors::frame::Frame::decode(&m.payload).map_or(0, |f| u64::from(f.count));
+        if m.info().map(|i| i.stream_sequence).unwrap_or(0) >= end {
+            break;
+        }
+    }
+    let raw_rate = raw_rows as f64 / t0.elapsed().as_secs_f64();
+    let checkpoints = crate::deltas::ensure(&js, "tessel", 1).await?;
+    let template = crate::deltas::SlotModel {
+        js: js.clone(),
+        client: c.client.clone(),
+        checkpoints,
+        cluster: "tessel".into(),
+        model: MODEL.into(),
+        rows,
+        dim: DIM,
+        slot: cluster::Slot::from_hash(0),
+        cfg: crate::deltas::SlotModelConfig::default(),
+        metrics: std::sync::Arc::new(crate::metrics::Metrics::default()),
+    };
+    let t0 = Instant::now();
+    let tables = crate::deltas::replay_model(&template, &|_| u64::MAX, &mut |_, _| {})
+        .await
+        .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
+    let tessel_rate = raw_rows as f64 / t0.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        tables.len() == 1024,
+        "replay rebuilt {} slots",
+        tables.len()
+    );
+    eprintln!("bench: deltas replay: tessel {tessel_rate:.0} rows/s, raw {raw_rate:.0} rows/s");
+    out.push(BenchResult::new(
+        "delta replay (rows rebuilt/s)",
+        tessel_rate,
+        "rows/s",
+        Some(("raw ordered consumer, same messages", raw_rate)),
+    ));
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

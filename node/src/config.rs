@@ -119,7 +119,10 @@ pub struct NodeConfig {
     pub delta_window_frames: usize,
     /// Most delta bytes a slot applies together.
     pub delta_window_bytes: usize,
-    /// Longest wait to fill a delta window.
+    /// Most delta bytes received but not yet applied, per model on this node (backpressure).
+    pub delta_queue_bytes: usize,
+    /// Longest wait, from a window's first delta, for more deltas when none is queued (0: apply
+    /// what is queued at once; raise it to trade latency for larger windows).
     pub delta_window_ms: u64,
     /// Deltas with a value above this magnitude are dead-lettered.
     pub delta_max_abs: f32,
@@ -175,7 +178,8 @@ impl Default for NodeConfig {
             clock_offset_ms: 0,
             delta_window_frames: 256,
             delta_window_bytes: 8 << 20,
-            delta_window_ms: 2,
+            delta_queue_bytes: 32 << 20,
+            delta_window_ms: 0,
             delta_max_abs: 1e6,
             checkpoint_every_frames: 10_000,
             checkpoint_interval_ms: 10_000,
@@ -268,7 +272,15 @@ impl NodeConfig {
             restart_budget,
             restart_window_ms,
             slot_queue_len,
-            clock_offset_ms
+            clock_offset_ms,
+            delta_window_frames,
+            delta_window_bytes,
+            delta_queue_bytes,
+            delta_window_ms,
+            delta_max_abs,
+            checkpoint_every_frames,
+            checkpoint_interval_ms,
+            checkpoints_kept
         );
         if let Some(v) = get("TESSEL_CLUSTER") {
             self.cluster = v;
@@ -299,6 +311,7 @@ impl NodeConfig {
         crate::deltas::SlotModelConfig {
             window_frames: self.delta_window_frames,
             window_bytes: self.delta_window_bytes,
+            queue_bytes: self.delta_queue_bytes,
             window_ms: self.delta_window_ms,
             max_abs: self.delta_max_abs,
             checkpoint_every: self.checkpoint_every_frames,
@@ -396,6 +409,12 @@ impl NodeConfig {
             self.delta_window_bytes as u64,
             1_024,
             1 << 30,
+        )?;
+        range(
+            "delta_queue_bytes",
+            self.delta_queue_bytes as u64,
+            1 << 20,
+            4 << 30,
         )?;
         range("delta_window_ms", self.delta_window_ms, 0, 10_000)?;
         if !(self.delta_max_abs.is_finite() && self.delta_max_abs > 0.0) {

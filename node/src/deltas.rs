@@ -59,6 +59,29 @@ pub fn checkpoints_bucket(cluster: &str) -> String {
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
 
+/// A header a producer may put on a delta: once the owner has applied the frame it publishes
+/// the header's value on [`applied_subject`] (core NATS, not stored). Benchmarks and tracing
+/// tools use it to time publish → applied.
+pub const TRACE_HEADER: &str = "Tessel-Trace";
+
+/// The longest trace value that is echoed; longer or non-token values are ignored.
+pub const MAX_TRACE_BYTES: usize = 64;
+
+/// Where owners announce traced frames they applied: `<c>.applied.<model>`.
+pub fn applied_subject(cluster: &str, model: &str) -> String {
+    format!("{cluster}.applied.{model}")
+}
+
+/// The trace id of a delta message, when it carries a well-formed one.
+fn trace_of(msg: &jetstream::Message) -> Option<Bytes> {
+    let v = msg.headers.as_ref()?.get(TRACE_HEADER)?.as_str();
+    let ok = !v.is_empty()
+        && v.len() <= MAX_TRACE_BYTES
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    ok.then(|| Bytes::copy_from_slice(v.as_bytes()))
+}
+
 /// Creates or binds the deltas stream and the checkpoints bucket.
 pub async fn ensure(
     js: &jetstream::Context,
@@ -161,6 +184,17 @@ impl Producer {
     /// Sends a batch (`values` row-major, `rows.len() × dim`); returns when every frame is
     /// acknowledged by the server.
     pub async fn send(&mut self, rows: &[u32], values: &[f32]) -> Result<Sent, ProduceError> {
+        self.send_traced(rows, values, None).await
+    }
+
+    /// [`Producer::send`], with every frame carrying `trace` in [`TRACE_HEADER`] so that its
+    /// owner announces it on [`applied_subject`] once applied.
+    pub async fn send_traced(
+        &mut self,
+        rows: &[u32],
+        values: &[f32],
+        trace: Option<&str>,
+    ) -> Result<Sent, ProduceError> {
         let d = self.dim as usize;
         if values.len() != rows.len() * d {
             return Err(ProduceError::BadBatch(format!(
@@ -190,11 +224,17 @@ impl Producer {
             let bytes = frame::encode(&self.model, slot, &batch)
                 .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
             let subject = format!("{}.delta.{}.{slot}", self.cluster, self.model);
-            let ack = self
-                .js
-                .publish(subject, Bytes::from(bytes))
-                .await
-                .map_err(|e| ProduceError::Publish(e.to_string()))?;
+            let published = match trace {
+                Some(t) => {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert(TRACE_HEADER, t);
+                    self.js
+                        .publish_with_headers(subject, h, Bytes::from(bytes))
+                        .await
+                }
+                None => self.js.publish(subject, Bytes::from(bytes)).await,
+            };
+            let ack = published.map_err(|e| ProduceError::Publish(e.to_string()))?;
             acks.push(async move { ack.await.map(|_| n) });
             while acks.len() >= self.max_in_flight {
                 if let Some(r) = acks.next().await {
@@ -211,6 +251,12 @@ impl Producer {
     }
 }
 
+/// A delta handed to a slot model, holding its share of the model's queue budget.
+pub struct Queued {
+    msg: jetstream::Message,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Limits and timings of a slot model.
 #[derive(Clone, Debug)]
 pub struct SlotModelConfig {
@@ -218,6 +264,9 @@ pub struct SlotModelConfig {
     pub window_frames: usize,
     /// Most bytes of frames applied together.
     pub window_bytes: usize,
+    /// Most bytes of deltas received but not yet applied, per model on a node: the consumer
+    /// waits (backpressure) rather than buffer more.
+    pub queue_bytes: usize,
     /// Longest wait to fill a window.
     pub window_ms: u64,
     /// Refuse values with |v| above this.
@@ -241,7 +290,8 @@ impl Default for SlotModelConfig {
         SlotModelConfig {
             window_frames: 256,
             window_bytes: 8 << 20,
-            window_ms: 2,
+            queue_bytes: 32 << 20,
+            window_ms: 0,
             max_abs: 1e6,
             checkpoint_every: 10_000,
             checkpoint_ms: 10_000,
@@ -272,9 +322,9 @@ pub fn encode_checkpoint(table: &Table, position: u64, chains: &HashMap<u32, u64
 
 /// A checksum of a table's bits (for verifying checkpoints and replays).
 pub fn data_checksum(data: &[f32]) -> u64 {
-    data.iter().fold(actors::delta::FNV_OFFSET, |h, v| {
-        actors::delta::fnv(h, &v.to_bits().to_le_bytes())
-    })
+    let mut h = actors::delta::WordHash::new();
+    h.f32s(data);
+    h.finish()
 }
 
 /// Decodes a checkpoint for the expected shape.
@@ -436,7 +486,7 @@ impl SlotModel {
     pub async fn run(
         self,
         state: (Table, u64, HashMap<u32, u64>),
-        mut inbox: tokio::sync::mpsc::Receiver<jetstream::Message>,
+        mut inbox: tokio::sync::mpsc::Receiver<Queued>,
     ) {
         let (mut table, mut position, mut chains) = state;
         let range = table.rows();
@@ -456,12 +506,16 @@ impl SlotModel {
         let window = Duration::from_millis(self.cfg.window_ms);
         let mut open = true;
         while open {
-            // Fill a window: the first message waits (reads are answered meanwhile), the rest
-            // only briefly.
+            // Fill a window: the first message waits (reads are answered meanwhile); then what is
+            // already queued is taken at once, and an empty queue is waited on only until
+            // `window_ms` after the first message (0: never), so a lone delta is not delayed.
             let mut batch_rows: Vec<u32> = Vec::new();
             let mut batch_values: Vec<f32> = Vec::new();
             let mut frames = 0usize;
             let mut bytes = 0usize;
+            let mut traces: Vec<Bytes> = Vec::new();
+            let mut deadline = tokio::time::Instant::now();
+            let mut permits: Vec<tokio::sync::OwnedSemaphorePermit> = Vec::new();
             loop {
                 let next = if frames == 0 {
                     tokio::select! {
@@ -475,15 +529,26 @@ impl SlotModel {
                         _ = tokio::time::sleep(Duration::from_millis(self.cfg.checkpoint_ms)) => break,
                     }
                 } else {
-                    match tokio::time::timeout(window, inbox.recv()).await {
-                        Ok(m) => m,
-                        Err(_) => break,
+                    match inbox.try_recv() {
+                        Ok(m) => Some(m),
+                        Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                            match tokio::time::timeout_at(deadline, inbox.recv()).await {
+                                Ok(m) => m,
+                                Err(_) => break,
+                            }
+                        }
                     }
                 };
-                let Some(msg) = next else {
+                let Some(Queued { msg, permit }) = next else {
                     open = false;
                     break;
                 };
+                // The bytes are released from the model's queue budget once the window applied.
+                permits.push(permit);
+                if frames == 0 {
+                    deadline = tokio::time::Instant::now() + window;
+                }
                 let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
                 if seq <= position {
                     Metrics::inc(&self.metrics.deltas_skipped_total);
@@ -492,11 +557,14 @@ impl SlotModel {
                 position = seq;
                 frames += 1;
                 bytes += msg.payload.len();
-                match self.validate(&msg.payload, &range, &mut chains) {
-                    Ok(f) => {
-                        batch_rows.extend(f.rows());
-                        batch_values.extend(f.values().map(|v| self.transform(v)));
-                    }
+                match self.validate_into(
+                    &msg.payload,
+                    &range,
+                    &mut chains,
+                    &mut batch_rows,
+                    &mut batch_values,
+                ) {
+                    Ok(()) => traces.extend(trace_of(&msg)),
                     Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
                 }
                 if frames >= self.cfg.window_frames || bytes >= self.cfg.window_bytes {
@@ -506,6 +574,10 @@ impl SlotModel {
             if !batch_rows.is_empty() {
                 match table.apply(&batch_rows, &batch_values, self.cfg.apply_threads) {
                     Ok(()) => {
+                        let subject = applied_subject(&self.cluster, &self.model);
+                        for t in traces.drain(..) {
+                            let _ = self.client.publish(subject.clone(), t).await;
+                        }
                         self.metrics
                             .deltas_applied_total
                             .fetch_add(frames as u64, std::sync::atomic::Ordering::Relaxed);
@@ -517,6 +589,7 @@ impl SlotModel {
                     Err(e) => warn!(error = %e, "apply refused a validated window"),
                 }
             }
+
             since_ckpt += frames as u64;
             let due = since_ckpt >= self.cfg.checkpoint_every
                 || (since_ckpt > 0
@@ -539,13 +612,18 @@ impl SlotModel {
         }
     }
 
-    /// The live path's validation (shared with replay).
-    pub fn validate<'a>(
+    /// The live path's validation (shared with replay): decodes the frame, checks it against
+    /// the model, the slot's rows, the producer's checksum chain and the value bounds, and
+    /// appends its rows and transformed values to `rows` and `values`. A refused frame
+    /// appends nothing.
+    pub fn validate_into(
         &self,
-        payload: &'a [u8],
+        payload: &[u8],
         range: &std::ops::Range<u64>,
         chains: &mut HashMap<u32, u64>,
-    ) -> Result<Frame<'a>, String> {
+        rows: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) -> Result<(), String> {
         let f = Frame::decode(payload).map_err(|e| format!("frame: {e}"))?;
         if f.model != self.model || f.slot != self.slot.get() {
             return Err(format!(
@@ -572,20 +650,32 @@ impl SlotModel {
                 f.parent, previous
             ));
         }
-        for r in f.rows() {
-            if !range.contains(&u64::from(r)) {
-                return Err(format!("row {r} outside the slot's rows {range:?}"));
-            }
+        if let Some(r) = f.rows().find(|r| !range.contains(&u64::from(*r))) {
+            return Err(format!("row {r} outside the slot's rows {range:?}"));
         }
+        let values_before = values.len();
+        let max_abs = self.cfg.max_abs;
+        let identity = self.cfg.scale == 1.0 && self.cfg.clip.is_none();
+        values.reserve(f.values().len());
+        // One pass: check each value (before the transform) and append it transformed.
+        let mut bad = None;
         for (i, v) in f.values().enumerate() {
-            if !v.is_finite() {
-                return Err(format!("value {i} is not finite"));
+            if !v.is_finite() || v.abs() > max_abs {
+                bad = Some((i, v));
+                break;
             }
-            if v.abs() > self.cfg.max_abs {
-                return Err(format!("|value| {v} above {}", self.cfg.max_abs));
-            }
+            values.push(if identity { v } else { self.transform(v) });
         }
-        Ok(f)
+        if let Some((i, v)) = bad {
+            values.truncate(values_before);
+            return Err(if v.is_finite() {
+                format!("|value| {v} above {max_abs}")
+            } else {
+                format!("value {i} is not finite")
+            });
+        }
+        rows.extend(f.rows());
+        Ok(())
     }
 
     async fn answer(&self, table: &Table, position: u64, req: async_nats::Message) {
@@ -806,8 +896,7 @@ impl ModelHost {
         }
         let states = futures::future::join_all(models.iter().map(|m| m.restore())).await;
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
-        let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<jetstream::Message>> =
-            HashMap::new();
+        let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<Queued>> = HashMap::new();
         let mut tasks = Vec::new();
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
@@ -832,6 +921,8 @@ impl ModelHost {
         };
         let mut messages = stream.create_consumer(cfg).await?.messages().await?;
         let prefix = format!("{}.delta.{model}.", self.cluster);
+        let budget_bytes = self.cfg.queue_bytes.clamp(1, u32::MAX as usize);
+        let budget = Arc::new(tokio::sync::Semaphore::new(budget_bytes));
         let pump = tokio::spawn(async move {
             while let Some(item) = messages.next().await {
                 let msg = match item {
@@ -845,9 +936,15 @@ impl ModelHost {
                     .subject
                     .strip_prefix(prefix.as_str())
                     .and_then(|s| s.parse::<u16>().ok());
-                if let Some(tx) = slot.and_then(|s| inboxes.get(&s))
-                    && tx.send(msg).await.is_err()
-                {
+                let Some(tx) = slot.and_then(|s| inboxes.get(&s)) else {
+                    continue;
+                };
+                // Backpressure: wait until the slots have applied enough of what is queued.
+                let cost = msg.payload.len().clamp(1, budget_bytes) as u32;
+                let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
+                    break;
+                };
+                if tx.send(Queued { msg, permit }).await.is_err() {
                     break;
                 }
             }
@@ -996,6 +1093,7 @@ pub async fn replay_model(
             .messages()
             .await
             .map_err(|e| e.to_string())?;
+        let (mut rows, mut values) = (Vec::new(), Vec::new());
         loop {
             let msg = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
                 Ok(Some(Ok(m))) => m,
@@ -1014,9 +1112,18 @@ pub async fn replay_model(
                 && seq <= s.limit
             {
                 s.position = seq;
-                if let Ok(f) = s.model.validate(&msg.payload, &s.range, &mut s.chains) {
-                    let rows: Vec<u32> = f.rows().collect();
-                    let values: Vec<f32> = f.values().map(|v| s.model.transform(v)).collect();
+                rows.clear();
+                values.clear();
+                if s.model
+                    .validate_into(
+                        &msg.payload,
+                        &s.range,
+                        &mut s.chains,
+                        &mut rows,
+                        &mut values,
+                    )
+                    .is_ok()
+                {
                     s.table
                         .apply(&rows, &values, 1)
                         .map_err(|e| e.to_string())?;

@@ -19,8 +19,8 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run only one group: `cluster` or `actors`.
-    #[arg(long, value_parser = ["cluster", "actors"])]
+    /// Run only one group: `cluster`, `actors` or `deltas`.
+    #[arg(long, value_parser = ["cluster", "actors", "deltas"])]
     only: Option<String>,
     /// Where the temporary cluster keeps its data and logs.
     #[arg(long, default_value = ".tessel/bench")]
@@ -39,11 +39,15 @@ pub fn run(args: BenchArgs) -> ExitCode {
         let dir = std::path::absolute(&args.dir)?.join(format!("run-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut results = Vec::new();
-        if args.only.as_deref() != Some("actors") {
+        let wants = |group: &str| args.only.as_deref().is_none_or(|o| o == group);
+        if wants("cluster") {
             results.extend(bench::cluster(&bin, &dir.join("cluster"), trials).await?);
         }
-        if args.only.as_deref() != Some("cluster") {
+        if wants("actors") {
             results.extend(bench::actors(&bin, &dir.join("actors"), args.quick).await?);
+        }
+        if wants("deltas") {
+            results.extend(bench::deltas(&bin, &dir.join("deltas"), args.quick).await?);
         }
         anyhow::Ok(BenchReport {
             machine: bench::machine(),
