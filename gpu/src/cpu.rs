@@ -50,6 +50,30 @@ impl Table {
         }
     }
 
+    /// A zeroed table, or the bytes it would need when the allocator refuses them.
+    pub fn try_zeros(rows: Range<u64>, dim: usize) -> Result<Self, u64> {
+        let len = rows.end.saturating_sub(rows.start);
+        let values = len.checked_mul(dim as u64).ok_or(u64::MAX)?;
+        let bytes = values.saturating_mul(4);
+        let values = usize::try_from(values).map_err(|_| bytes)?;
+        let mut data = Vec::new();
+        data.try_reserve_exact(values).map_err(|_| bytes)?;
+        data.resize(values, 0.0);
+        Ok(Table {
+            first: rows.start,
+            dim,
+            data,
+        })
+    }
+
+    /// Replaces the values with `data`, which must have exactly `data().len()` values (the
+    /// caller checks); a wrong length leaves the table unchanged.
+    pub fn load(&mut self, data: &[f32]) {
+        if data.len() == self.data.len() {
+            self.data.copy_from_slice(data);
+        }
+    }
+
     /// The rows it covers.
     pub fn rows(&self) -> Range<u64> {
         self.first..self.first + (self.data.len() / self.dim.max(1)) as u64
@@ -82,6 +106,10 @@ impl Table {
 
     /// Adds `values[i·dim..]` to row `rows[i]` for every i (a row may repeat). All or nothing:
     /// a bad row refuses the whole batch before anything is written.
+    ///
+    /// In parallel, the table is cut into `threads` contiguous row blocks; the batch's indices
+    /// are bucketed by block once (a stable counting sort, so each bucket keeps batch order) and
+    /// each thread applies its own bucket. The calling thread takes the first block.
     pub fn apply(
         &mut self,
         rows: &[u32],
@@ -93,23 +121,46 @@ impl Table {
         let first = self.first;
         let threads = threads.max(1);
         if threads == 1 || rows.len() < PARALLEL_MIN_ROWS || self.data.len() < dim * threads {
-            apply_range(&mut self.data, first, dim, rows, values);
+            apply_all(&mut self.data, first, dim, rows, values);
             return Ok(());
         }
-        // Split the table into `threads` contiguous row blocks; each thread applies, in batch
-        // order, the updates that fall in its block.
         let total_rows = self.data.len() / dim;
         let per = total_rows.div_ceil(threads);
+        let block_of = |r: u32| ((u64::from(r) - first) as usize) / per;
+        // Stable counting sort of batch indices by block.
+        let mut starts = vec![0usize; threads + 1];
+        for &r in rows {
+            starts[block_of(r) + 1] += 1;
+        }
+        for b in 0..threads {
+            starts[b + 1] += starts[b];
+        }
+        let mut fill = starts.clone();
+        let mut order = vec![0u32; rows.len()];
+        for (i, &r) in rows.iter().enumerate() {
+            let b = block_of(r);
+            order[fill[b]] = i as u32;
+            fill[b] += 1;
+        }
+        let order = order.as_slice();
+        let starts = starts.as_slice();
         std::thread::scope(|s| {
-            let mut rest = self.data.as_mut_slice();
-            let mut start = first;
-            while !rest.is_empty() {
-                let take = (per * dim).min(rest.len());
-                let (block, tail) = rest.split_at_mut(take);
-                rest = tail;
-                let block_first = start;
-                start += (take / dim) as u64;
-                s.spawn(move || apply_range(block, block_first, dim, rows, values));
+            let mut blocks = self.data.chunks_mut(per * dim).enumerate();
+            let mine = blocks.next();
+            for (b, block) in blocks {
+                let block_first = first + (b * per) as u64;
+                let bucket = &order[starts[b]..starts[b + 1]];
+                s.spawn(move || apply_bucket(block, block_first, dim, rows, values, bucket));
+            }
+            if let Some((_, block)) = mine {
+                apply_bucket(
+                    block,
+                    first,
+                    dim,
+                    rows,
+                    values,
+                    &order[starts[0]..starts[1]],
+                );
             }
         });
         Ok(())
@@ -127,20 +178,43 @@ impl Table {
     }
 }
 
-/// Applies the updates whose rows fall in `block` (which starts at row `block_first`).
-fn apply_range(block: &mut [f32], block_first: u64, dim: usize, rows: &[u32], values: &[f32]) {
-    let block_rows = (block.len() / dim) as u64;
-    for (i, &r) in rows.iter().enumerate() {
-        let r = u64::from(r);
-        if r < block_first || r >= block_first + block_rows {
-            continue;
+/// Applies every update of the batch to `data` (which starts at row `first`), in batch order.
+fn apply_all(data: &mut [f32], first: u64, dim: usize, rows: &[u32], values: &[f32]) {
+    for (&r, src) in rows.iter().zip(values.chunks_exact(dim)) {
+        let at = (u64::from(r) - first) as usize * dim;
+        add_row(&mut data[at..at + dim], src);
+    }
+}
+
+/// Applies the updates `bucket` (batch indices, in batch order) to `block`, which starts at row
+/// `block_first`; every index in `bucket` names a row inside the block.
+fn apply_bucket(
+    block: &mut [f32],
+    block_first: u64,
+    dim: usize,
+    rows: &[u32],
+    values: &[f32],
+    bucket: &[u32],
+) {
+    for &i in bucket {
+        let i = i as usize;
+        let at = (u64::from(rows[i]) - block_first) as usize * dim;
+        add_row(&mut block[at..at + dim], &values[i * dim..(i + 1) * dim]);
+    }
+}
+
+/// `dst += src`, element by element, in eight-wide chunks the compiler turns into vector adds.
+#[inline(always)]
+fn add_row(dst: &mut [f32], src: &[f32]) {
+    let mut d = dst.chunks_exact_mut(8);
+    let mut s = src.chunks_exact(8);
+    for (d8, s8) in (&mut d).zip(&mut s) {
+        for k in 0..8 {
+            d8[k] += s8[k];
         }
-        let at = (r - block_first) as usize * dim;
-        let dst = &mut block[at..at + dim];
-        let src = &values[i * dim..(i + 1) * dim];
-        for (d, s) in dst.iter_mut().zip(src) {
-            *d += *s;
-        }
+    }
+    for (x, y) in d.into_remainder().iter_mut().zip(s.remainder()) {
+        *x += *y;
     }
 }
 
