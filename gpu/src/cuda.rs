@@ -233,6 +233,24 @@ fn htod_prefix<T: cudarc::driver::DeviceRepr>(
     unsafe { cudarc::driver::result::memcpy_htod_async(ptr, &host[..n], stream.cu_stream()) }
 }
 
+/// Values below which a staging copy stays on the calling thread (4 MiB).
+const PARALLEL_COPY_MIN_VALUES: usize = 1 << 20;
+
+/// `dst.copy_from_slice(src)` on up to `threads` threads: one thread's memcpy into pinned
+/// memory is slower than the host-to-device copy it feeds.
+fn parallel_copy(dst: &mut [f32], src: &[f32], threads: usize) {
+    if threads <= 1 || src.len() < PARALLEL_COPY_MIN_VALUES {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let per = src.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+            s.spawn(move || d.copy_from_slice(c));
+        }
+    });
+}
+
 /// A table in a CUDA device's memory.
 pub struct CudaTable {
     device: Device,
@@ -247,6 +265,8 @@ pub struct CudaTable {
     slots: Vec<Slot>,
     next_slot: usize,
     max_batch_rows: usize,
+    /// Threads that copy a batch's values into pinned staging.
+    copy_threads: usize,
 }
 
 impl CudaTable {
@@ -309,6 +329,7 @@ impl CudaTable {
                 slots: Vec::new(),
                 next_slot: 0,
                 max_batch_rows: config.max_batch_rows,
+                copy_threads: config.cpu_threads.max(1),
             })
         })
     }
@@ -386,8 +407,11 @@ impl CudaTable {
                 // `as_mut_slice` waits until the slot's previous copy has left the buffer.
                 let err = |e| driver("staging", &self.device.name, 0, e);
                 slot.host_rows.as_mut_slice().map_err(err)?[..n].copy_from_slice(rows);
-                slot.host_values.as_mut_slice().map_err(err)?[..values.len()]
-                    .copy_from_slice(values);
+                parallel_copy(
+                    &mut slot.host_values.as_mut_slice().map_err(err)?[..values.len()],
+                    values,
+                    self.copy_threads,
+                );
                 htod_prefix(&self.copy, &slot.host_rows, n, &mut slot.dev_rows).map_err(err)?;
                 htod_prefix(
                     &self.copy,
@@ -412,6 +436,7 @@ impl CudaTable {
             }
             self.compute
                 .synchronize()
+                .and_then(|()| self.ctx.check_err())
                 .map_err(|e| driver("apply", &self.device.name, 0, e))
         })
     }
@@ -531,8 +556,8 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         let table_rows: u64 = if cfg.quick { 1 << 21 } else { 1 << 23 };
         let reps = if cfg.quick { 3 } else { 10 };
         let config = TableConfig {
-            cpu_threads: 1,
             max_batch_rows: batch,
+            ..TableConfig::default()
         };
         let mut t = CudaTable::create(device, 0..table_rows, dim, &config)?;
         let ids = random_rows(batch, table_rows, 0x2545_f491_4f6c_dd1d);
@@ -569,10 +594,8 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         // Scatter-add alone: the batch already on the device.
         t.apply_many(&[(&ids, &values)])?; // warm-up, fills the slots
         let kernels = t.kernels.clone();
-        let slot = &t.slots[0];
         let dev_rows = t.compute.clone_htod(&ids).map_err(t.err("bench", 0))?;
         let dev_values = t.compute.clone_htod(&values).map_err(t.err("bench", 0))?;
-        let _ = slot;
         let (first, n32, dim32) = (0u64, batch as u32, dim as u32);
         let mut best = f64::MAX;
         for _ in 0..reps {
