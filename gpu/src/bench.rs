@@ -152,7 +152,7 @@ pub fn cpu_apply(cfg: BenchConfig) -> Vec<BenchRow> {
         let secs = t0.elapsed().as_secs_f64();
         let bytes_s = (reps * batch * 3 * dim * 4) as f64 / secs / 1e9;
         out.push(row(
-            &format!("cpu twin apply, {th} thread(s), 3 × row bytes per update"),
+            &format!("cpu twin apply, {th} thread(s)"),
             bytes_s,
             "GB/s",
             Some(("host memcpy", memcpy)),

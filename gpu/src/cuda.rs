@@ -584,12 +584,7 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
             best = best.min(s);
         }
         let d2d = 2.0 * (batch * dim * 4) as f64 / best / 1e9;
-        out.push(row(
-            "cuda device-to-device memcpy (read + write)",
-            d2d,
-            "GB/s",
-            None,
-        ));
+        out.push(row("cuda d2d memcpy (read + write)", d2d, "GB/s", None));
 
         // Scatter-add alone: the batch already on the device.
         t.apply_many(&[(&ids, &values)])?; // warm-up, fills the slots
@@ -618,10 +613,10 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         }
         let scatter = batch as f64 * (3.0 * row_bytes + 4.0) / best / 1e9;
         out.push(row(
-            "cuda scatter-add, 1M rows × dim 128, effective (3 × row + id bytes)",
+            "cuda scatter-add, 1M rows × dim 128",
             scatter,
             "GB/s",
-            Some(("device-to-device memcpy", d2d)),
+            Some(("cuda d2d memcpy", d2d)),
         ));
 
         // Pinned host-to-device memcpy of one batch's bytes.
@@ -643,7 +638,7 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         }
         let batch_bytes = (batch * (dim + 1) * 4) as f64;
         let h2d = batch_bytes / best / 1e9;
-        out.push(row("cuda pinned host-to-device memcpy", h2d, "GB/s", None));
+        out.push(row("cuda pinned h2d memcpy", h2d, "GB/s", None));
 
         // The feed: batches from pageable host memory through the double-buffered pipeline.
         let feed_batches = 4;
@@ -658,11 +653,38 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         }
         let feed = feed_batches as f64 * batch_bytes / best / 1e9;
         out.push(row(
-            "cuda feed: delta batches host → device and applied",
+            "cuda feed (h2d + apply), 4 batches",
             feed,
             "GB/s",
-            Some(("pinned host-to-device memcpy", h2d)),
+            Some(("cuda pinned h2d memcpy", h2d)),
         ));
         Ok(out)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_the_cuda_library_becomes_an_error() {
+        let r: Result<(), Error> = guarded("probe", || panic!("Unable to dynamically load"));
+        match r {
+            Err(Error::Driver(text)) => assert!(text.contains("Unable to dynamically load")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn launch_shapes_cover_the_columns_with_whole_warps() {
+        let c = launch_config(1 << 20, 128);
+        assert_eq!(c.block_dim, (128, 2, 1));
+        assert_eq!(c.grid_dim.0, MAX_BLOCKS);
+        let c = launch_config(3, 1);
+        assert_eq!(c.block_dim, (32, 8, 1));
+        assert_eq!(c.grid_dim.0, 1);
+        let c = launch_config(10, 1000);
+        assert_eq!(c.block_dim, (256, 1, 1));
+        assert_eq!(c.grid_dim.0, 10);
+    }
 }
