@@ -5,7 +5,8 @@
 #   2. the gpu tests, CUDA against the CPU twin, with their output (`--nocapture`)
 #   3. `tessel devices --json` and `tessel devices`
 #   4. `tessel bench gpu` (pass --quick as the first argument for smaller sizes)
-# No NATS server is needed. Each step is timed; a failing step stops the script.
+# No NATS server is needed. The crates must be in the cargo cache (`cargo fetch` where there is
+# network). Each step is timed; a failing step stops the script.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

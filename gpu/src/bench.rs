@@ -105,14 +105,15 @@ pub(crate) fn random_rows(n: usize, rows: u64, seed: u64) -> Vec<u32> {
 /// The CPU twin's apply (1 thread and all threads) against a large host memcpy.
 ///
 /// A 1,000,000 × 64 f32 table (256 MB; 250,000 rows with `quick`) and batches of 65,536
-/// random rows. The memcpy copies a buffer as large as the table, best of 5.
+/// random rows. The memcpy copies a buffer as large as the table. Seven rounds (three with
+/// `quick`), each timing one memcpy and then five batches per thread count; best round each.
 pub fn cpu_apply(cfg: BenchConfig) -> Vec<BenchRow> {
     let (rows, dim, batch) = (
         if cfg.quick { 250_000u64 } else { 1_000_000 },
         64usize,
         65_536usize,
     );
-    let reps = if cfg.quick { 5 } else { 20 };
+    let (rounds, reps) = if cfg.quick { (3, 2) } else { (7, 5) };
     let mut t = cpu::Table::zeros(0..rows, dim);
     let ids = random_rows(batch, rows, 0x9e37_79b9_7f4a_7c15);
     let values: Vec<f32> = (0..batch * dim).map(|i| (i % 13) as f32 * 1e-3).collect();
@@ -128,29 +129,32 @@ pub fn cpu_apply(cfg: BenchConfig) -> Vec<BenchRow> {
 
     let src = vec![1u8; (rows as usize) * dim * 4];
     let mut dst = vec![0u8; src.len()];
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let t0 = Instant::now();
-        dst.copy_from_slice(black_box(&src));
-        best = best.min(t0.elapsed().as_secs_f64());
-        black_box(&dst);
-    }
-    let memcpy = 2.0 * src.len() as f64 / best / 1e9;
-    let mut out = vec![row("host memcpy (read + write)", memcpy, "GB/s", None)];
     let mut counts = vec![1];
     if threads > 1 {
         counts.push(threads);
     }
-    for th in counts {
-        // One warm-up batch, then the timed ones.
-        t.apply(&ids, &values, th).unwrap_or_default();
+    // Rounds interleave the memcpy and each apply, so a noisy neighbour slows both alike; each
+    // figure is the best round. A round applies `reps` batches.
+    let mut best_memcpy = f64::MAX;
+    let mut best_apply = vec![f64::MAX; counts.len()];
+    for _ in 0..rounds {
         let t0 = Instant::now();
-        for _ in 0..reps {
-            t.apply(black_box(&ids), black_box(&values), th)
-                .unwrap_or_default();
+        dst.copy_from_slice(black_box(&src));
+        best_memcpy = best_memcpy.min(t0.elapsed().as_secs_f64());
+        black_box(&dst);
+        for (k, &th) in counts.iter().enumerate() {
+            let t0 = Instant::now();
+            for _ in 0..reps {
+                t.apply(black_box(&ids), black_box(&values), th)
+                    .unwrap_or_default();
+            }
+            best_apply[k] = best_apply[k].min(t0.elapsed().as_secs_f64());
         }
-        let secs = t0.elapsed().as_secs_f64();
-        let bytes_s = (reps * batch * 3 * dim * 4) as f64 / secs / 1e9;
+    }
+    let memcpy = 2.0 * src.len() as f64 / best_memcpy / 1e9;
+    let mut out = vec![row("host memcpy (read + write)", memcpy, "GB/s", None)];
+    for (k, th) in counts.into_iter().enumerate() {
+        let bytes_s = (reps * batch * 3 * dim * 4) as f64 / best_apply[k] / 1e9;
         out.push(row(
             &format!("cpu twin apply, {th} thread(s)"),
             bytes_s,
