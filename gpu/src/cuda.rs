@@ -358,7 +358,8 @@ impl CudaTable {
         }
         let rows = n
             .next_power_of_two()
-            .clamp(1024, self.max_batch_rows.max(n));
+            .max(1024)
+            .min(self.max_batch_rows.max(n));
         let values = rows * self.dim;
         let bytes = (rows * 4 + values * 4) as u64;
         let e = |e| driver("staging", &self.device.name, bytes, e);
