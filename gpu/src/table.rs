@@ -158,6 +158,20 @@ impl Table {
                 dim,
             });
         }
+        let bytes = (rows.end - rows.start)
+            .saturating_mul(dim as u64)
+            .saturating_mul(4);
+        // Linux overcommits: an allocation larger than free memory may succeed and then be
+        // killed while zeroing, so the CPU refuses what its free memory cannot hold.
+        if device.kind == DeviceKind::Cpu
+            && device.memory_free_bytes > 0
+            && bytes > device.memory_free_bytes
+        {
+            return Err(Error::OutOfMemory {
+                device: device.name.clone(),
+                bytes,
+            });
+        }
         let inner = match device.kind {
             DeviceKind::Cpu => Inner::Cpu(cpu::Table::try_zeros(rows, dim).map_err(|bytes| {
                 Error::OutOfMemory {
@@ -394,6 +408,18 @@ mod tests {
         assert_eq!(t.gather(&[1]), Err(Error::DeviceLost));
         assert_eq!(t.export(), Err(Error::DeviceLost));
         assert_eq!(t.load(&[0.0; 4]), Err(Error::DeviceLost));
+    }
+
+    #[test]
+    fn a_table_larger_than_free_memory_is_out_of_memory() {
+        let mut small = crate::cpu_device();
+        small.memory_free_bytes = 1_000;
+        let r = Table::create(&small, 0..100, 3, TableConfig::default());
+        assert!(
+            matches!(r, Err(Error::OutOfMemory { bytes: 1_200, .. })),
+            "{r:?}"
+        );
+        assert!(Table::create(&small, 0..100, 2, TableConfig::default()).is_ok());
     }
 
     #[test]
