@@ -5,15 +5,25 @@
 //! that GPU results are tested against.
 //!
 //! **Invariant:** the only crate in the workspace allowed `unsafe`; every `unsafe` block carries
-//! a `SAFETY:` comment. **Boundary:** knows nothing of NATS, slots or models.
+//! a `SAFETY:` comment. **Invariant:** discovery never panics: no driver, no device or a driver
+//! error gives the CPU alone and a reason. **Boundary:** knows nothing of NATS, slots or models.
 //!
-//! Today: device discovery (the CPU) and the CPU twin (`cpu::Table`); CUDA kernels arrive with
-//! the GPU issue behind the same operations.
+//! Modules: [`cpu`] (the CPU twin), [`table`] (one table API over every device kind),
+//! [`placement`] (does a model fit a device), [`bench`] (kernel benchmarks), and `cuda` (CUDA
+//! discovery, kernels and tables; only with the `cuda` feature).
 
+pub mod bench;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod placement;
+pub mod table;
+
+pub use placement::{Dtype, Requirements, Unfit, check, choose};
+pub use table::{Error, Table, TableConfig};
 
 /// What kind of device a table can live on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceKind {
     /// Host memory.
     Cpu,
@@ -36,26 +46,71 @@ impl DeviceKind {
 pub struct Device {
     /// Its kind.
     pub kind: DeviceKind,
+    /// Its number among the devices of its kind (the CUDA ordinal; 0 for the CPU).
+    pub ordinal: usize,
     /// A human-readable name.
     pub name: String,
     /// Total memory in bytes.
     pub memory_total_bytes: u64,
     /// Free memory in bytes when discovered.
     pub memory_free_bytes: u64,
+    /// CUDA compute capability (major, minor); `None` for the CPU.
+    pub compute_capability: Option<(u32, u32)>,
 }
 
-/// The devices this process can use: the CPU always comes first.
-pub fn discover() -> Vec<Device> {
+impl Device {
+    /// The compute capability as records print it (`"9.0"`), `None` for the CPU.
+    pub fn compute_capability_string(&self) -> Option<String> {
+        self.compute_capability
+            .map(|(major, minor)| format!("{major}.{minor}"))
+    }
+}
+
+/// The CPU as a device: host memory from `/proc/meminfo` (zeros when it cannot be read).
+pub fn cpu_device() -> Device {
     let (total, free) = host_memory().unwrap_or((0, 0));
-    vec![Device {
+    Device {
         kind: DeviceKind::Cpu,
+        ordinal: 0,
         name: format!(
             "cpu ({} threads)",
             std::thread::available_parallelism().map_or(1, |n| n.get())
         ),
         memory_total_bytes: total,
         memory_free_bytes: free,
-    }]
+        compute_capability: None,
+    }
+}
+
+/// The devices this process can use: the CPU always comes first.
+pub fn discover() -> Vec<Device> {
+    discover_report().0
+}
+
+/// The devices this process can use (the CPU first) and, when no CUDA device is among them,
+/// why: the `cuda` feature is off, the driver library is missing, the driver reports no device,
+/// or a driver call failed. Never panics.
+pub fn discover_report() -> (Vec<Device>, Option<String>) {
+    let mut devices = vec![cpu_device()];
+    let reason = cuda_devices(&mut devices);
+    (devices, reason)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_devices(devices: &mut Vec<Device>) -> Option<String> {
+    match cuda::discover() {
+        Ok(found) if found.is_empty() => Some("the CUDA driver reports no device".into()),
+        Ok(found) => {
+            devices.extend(found);
+            None
+        }
+        Err(reason) => Some(reason),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_devices(_devices: &mut Vec<Device>) -> Option<String> {
+    Some("built without the `cuda` feature".into())
 }
 
 /// Total and available host memory from `/proc/meminfo`, when it can be read.
@@ -72,9 +127,17 @@ fn host_memory() -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn the_cpu_is_always_there() {
-        let devices = super::discover();
+    fn the_cpu_is_always_there_and_first() {
+        let (devices, reason) = super::discover_report();
         assert_eq!(devices[0].kind, super::DeviceKind::Cpu);
+        assert_eq!(devices[0].compute_capability, None);
         assert!(devices[0].memory_total_bytes >= devices[0].memory_free_bytes);
+        assert!(
+            devices[1..]
+                .iter()
+                .all(|d| d.kind == super::DeviceKind::Cuda)
+        );
+        // A reason exactly when no CUDA device was found.
+        assert_eq!(reason.is_some(), devices.len() == 1);
     }
 }

@@ -236,7 +236,7 @@ pub fn device_records(devices: &[gpu::Device]) -> Vec<DeviceRecord> {
             name: d.name.clone(),
             memory_total_bytes: d.memory_total_bytes,
             memory_free_bytes: d.memory_free_bytes,
-            compute_capability: None,
+            compute_capability: d.compute_capability_string(),
         })
         .collect()
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use crate::bench::{self, BenchReport};
+use crate::bench::{self, BenchReport, BenchResult};
 
 /// Arguments of `tessel bench`.
 #[derive(Args, Debug)]
@@ -19,9 +19,12 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run only one group: `cluster`, `actors` or `deltas`.
-    #[arg(long, value_parser = ["cluster", "actors", "deltas"])]
+    /// Run only one group: `cluster`, `actors`, `deltas` or `gpu` (the kernel benchmarks).
+    #[arg(long, value_parser = ["cluster", "actors", "deltas", "gpu"], conflicts_with = "group")]
     only: Option<String>,
+    /// The same as `--only GROUP`: `tessel bench gpu`.
+    #[arg(value_parser = ["cluster", "actors", "deltas", "gpu"])]
+    group: Option<String>,
     /// Where the temporary cluster keeps its data and logs.
     #[arg(long, default_value = ".tessel/bench")]
     dir: PathBuf,
@@ -30,6 +33,10 @@ pub struct BenchArgs {
 /// Runs `tessel bench`.
 pub fn run(args: BenchArgs) -> ExitCode {
     crate::cmd::node::init_tracing(crate::config::LogFormat::Text);
+    let only = args.only.clone().or(args.group.clone());
+    if only.as_deref() == Some("gpu") {
+        return run_gpu(&args);
+    }
     let trials = args.trials.unwrap_or(if args.quick { 5 } else { 20 }) as usize;
     let Some(rt) = crate::cmd::runtime("tessel bench") else {
         return ExitCode::FAILURE;
@@ -39,7 +46,7 @@ pub fn run(args: BenchArgs) -> ExitCode {
         let dir = std::path::absolute(&args.dir)?.join(format!("run-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut results = Vec::new();
-        let wants = |group: &str| args.only.as_deref().is_none_or(|o| o == group);
+        let wants = |group: &str| only.as_deref().is_none_or(|o| o == group);
         if wants("cluster") {
             results.extend(bench::cluster(&bin, &dir.join("cluster"), trials).await?);
         }
@@ -50,25 +57,83 @@ pub fn run(args: BenchArgs) -> ExitCode {
             results.extend(bench::deltas(&bin, &dir.join("deltas"), args.quick).await?);
         }
         anyhow::Ok(BenchReport {
-            machine: bench::machine(),
+            machine: machine_with_devices(),
             results,
         })
     });
-    match result {
-        Ok(report) => {
-            print!("{}", report.table());
-            if let Some(path) = &args.json {
-                let text = serde_json::to_string_pretty(&report).unwrap_or_default();
-                if let Err(e) = std::fs::write(path, text) {
-                    eprintln!("tessel bench: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+    // The whole suite ends with the kernel figures (outside the runtime: they are CPU-bound).
+    let result = result.map(|mut report| {
+        if only.is_none() {
+            let (results, skipped) = gpu_results(args.quick);
+            report.results.extend(results);
+            for s in skipped {
+                eprintln!("bench: skipped: {s}");
             }
-            ExitCode::SUCCESS
         }
+        report
+    });
+    match result {
+        Ok(report) => finish(&args, &report),
         Err(e) => {
             eprintln!("tessel bench: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints the table and writes the JSON file when asked.
+fn finish(args: &BenchArgs, report: &BenchReport) -> ExitCode {
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(report).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text) {
+            eprintln!("tessel bench: cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// `tessel bench gpu`: the kernel benchmarks of the `gpu` crate, in this process.
+/// The kernel benchmarks of `gpu` as bench results, and the figures it skipped (with why).
+fn gpu_results(quick: bool) -> (Vec<BenchResult>, Vec<String>) {
+    let gpu_report = gpu::bench::run(gpu::bench::BenchConfig { quick });
+    let results = gpu_report
+        .rows
+        .into_iter()
+        .map(|r| crate::bench::BenchResult {
+            name: r.name,
+            value: r.value,
+            unit: r.unit,
+            baseline: r.baseline,
+            baseline_value: r.baseline_value,
+            ratio: r.ratio,
+        })
+        .collect();
+    (results, gpu_report.skipped)
+}
+
+/// The machine line, with the CUDA devices found.
+fn machine_with_devices() -> String {
+    let mut machine = bench::machine();
+    for d in gpu::discover()
+        .iter()
+        .filter(|d| d.kind == gpu::DeviceKind::Cuda)
+    {
+        machine.push_str(&format!(", {}", d.name));
+    }
+    machine
+}
+
+fn run_gpu(args: &BenchArgs) -> ExitCode {
+    let (results, skipped) = gpu_results(args.quick);
+    let report = BenchReport {
+        machine: machine_with_devices(),
+        results,
+    };
+    let code = finish(args, &report);
+    for s in &skipped {
+        println!("skipped: {s}");
+    }
+    code
 }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod actor;
 pub mod bench;
+pub mod devices;
 pub mod node;
 pub mod produce;
 pub mod replay;
@@ -31,6 +32,8 @@ enum Command {
     Model(actor::ModelArgs),
     /// Run the benchmarks and print measured figures against their baselines.
     Bench(bench::BenchArgs),
+    /// Print the devices this node can hold tables in (the CPU, and CUDA devices).
+    Devices(devices::DevicesArgs),
     /// Publish deltas to a model: the workload generator.
     Produce(produce::ProduceArgs),
     /// Rebuild a model's tables from checkpoints and the stream; `--verify` against the live ones.
@@ -69,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Events(args) => actor::events(args),
         Command::Model(args) => actor::model(args),
         Command::Bench(args) => bench::run(args),
+        Command::Devices(args) => devices::run(args),
         Command::Node(args) => node::run(args),
         Command::Produce(args) => produce::produce(args),
         Command::Replay(args) => replay::run(args),

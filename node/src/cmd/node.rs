@@ -141,12 +141,17 @@ async fn serve(cfg: NodeConfig) -> i32 {
             return 5;
         }
     };
+    let (found, cuda_unused) = gpu::discover_report();
+    match &cuda_unused {
+        Some(reason) => info!(node = %me, %reason, "CUDA not used: tables on the CPU"),
+        None => info!(node = %me, devices = found.len(), "CUDA devices found"),
+    }
     let record = MemberRecord {
         v: SCHEMA_VERSION,
         id: me.to_string(),
         status: "Joining".into(),
         capacity: u64::from(weight.get()),
-        devices: device_records(&gpu::discover()),
+        devices: device_records(&found),
         addr: cfg.http.clone(),
         started_at_ms: wall_ms(),
     };

@@ -1,0 +1,691 @@
+//! CUDA devices (feature `cuda`): discovery, the scatter-add and gather kernels (CUDA C compiled
+//! with NVRTC at first use on each device and cached), and tables in device memory.
+//!
+//! **Invariant:** nothing here panics into the caller. cudarc loads `libcuda` and `libnvrtc`
+//! lazily and panics when they are missing, so every entry point first probes for the library
+//! and then runs the driver calls under `catch_unwind` as a second guard.
+//!
+//! Streams: each table has a compute stream (kernels, and the table's own memory) and a copy
+//! stream (host-to-device staging copies). A batch goes host → pinned staging slot → device
+//! staging slot (copy stream) → scatter-add (compute stream); with two slots, the copy of batch
+//! k+1 runs while batch k is applied. cudarc records an event on every buffer a stream reads or
+//! writes, and makes the other stream wait on it, so slot reuse is ordered for us.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DriverError, HostSlice,
+    LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
+};
+
+use crate::bench::{BenchConfig, BenchRow, random_rows, row};
+use crate::table::{Error, TableConfig};
+use crate::{Device, DeviceKind};
+
+/// The kernels, as CUDA C. `scatter_add`: thread (x, y) of a block adds column x (then
+/// x + blockDim.x, …) of batch row `blockIdx.x * blockDim.y + y`, so consecutive threads touch
+/// consecutive columns of one row (coalesced); `atomicAdd` keeps repeated rows in one batch
+/// correct (their order of addition is not fixed). `gather` reads rows the same way.
+const KERNELS_CU: &str = r#"
+extern "C" __global__ void tessel_scatter_add(
+    float* __restrict__ table, const unsigned int* __restrict__ rows,
+    const float* __restrict__ values, unsigned long long first, unsigned int n, unsigned int dim)
+{
+    for (unsigned long long b = (unsigned long long)blockIdx.x * blockDim.y + threadIdx.y;
+         b < n; b += (unsigned long long)gridDim.x * blockDim.y) {
+        float* dst = table + ((unsigned long long)rows[b] - first) * dim;
+        const float* src = values + b * dim;
+        for (unsigned int c = threadIdx.x; c < dim; c += blockDim.x) {
+            atomicAdd(dst + c, src[c]);
+        }
+    }
+}
+
+extern "C" __global__ void tessel_gather(
+    const float* __restrict__ table, const unsigned int* __restrict__ rows,
+    float* __restrict__ out, unsigned long long first, unsigned int n, unsigned int dim)
+{
+    for (unsigned long long b = (unsigned long long)blockIdx.x * blockDim.y + threadIdx.y;
+         b < n; b += (unsigned long long)gridDim.x * blockDim.y) {
+        const float* src = table + ((unsigned long long)rows[b] - first) * dim;
+        float* dst = out + b * dim;
+        for (unsigned int c = threadIdx.x; c < dim; c += blockDim.x) {
+            dst[c] = src[c];
+        }
+    }
+}
+"#;
+
+/// Most blocks a launch uses; larger batches loop (grid-stride).
+const MAX_BLOCKS: u32 = 1 << 16;
+
+/// Floats per chunk of pinned staging when loading or exporting a whole table (16 MiB).
+const TRANSFER_CHUNK_VALUES: usize = 4 << 20;
+
+/// Whether the CUDA driver library can be loaded (the names cudarc itself tries).
+pub fn driver_present() -> bool {
+    // SAFETY: this only tries to dlopen the candidate library names and drops what it opened;
+    // loading libcuda runs its initialisers, which is what using CUDA at all requires.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// Whether the NVRTC library can be loaded.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: as for `driver_present`, with libnvrtc.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `f`, turning a panic inside cudarc into an error.
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T, Error>) -> Result<T, Error> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(Error::Driver(format!(
+            "{what}: the CUDA library panicked: {}",
+            panic_text(p.as_ref())
+        ))),
+    }
+}
+
+/// A driver error as a table error: out of memory and lost devices get their own kinds.
+fn driver(what: &str, device: &str, bytes: u64, e: DriverError) -> Error {
+    use sys::cudaError_enum as E;
+    match e.0 {
+        E::CUDA_ERROR_OUT_OF_MEMORY => Error::OutOfMemory {
+            device: device.to_string(),
+            bytes,
+        },
+        E::CUDA_ERROR_ILLEGAL_ADDRESS
+        | E::CUDA_ERROR_LAUNCH_FAILED
+        | E::CUDA_ERROR_ECC_UNCORRECTABLE
+        | E::CUDA_ERROR_HARDWARE_STACK_ERROR
+        | E::CUDA_ERROR_ILLEGAL_INSTRUCTION
+        | E::CUDA_ERROR_CONTEXT_IS_DESTROYED => Error::DeviceLost,
+        _ => Error::Driver(format!("{what}: {e}")),
+    }
+}
+
+/// The CUDA devices, or why there are none to use.
+pub(crate) fn discover() -> Result<Vec<Device>, String> {
+    if !driver_present() {
+        return Err("no CUDA driver library (libcuda) found".into());
+    }
+    let found = guarded("discovery", || {
+        let d = |what: &str, e: DriverError| Error::Driver(format!("{what}: {e}"));
+        cudarc::driver::result::init().map_err(|e| d("cuInit", e))?;
+        let count = CudaContext::device_count().map_err(|e| d("cuDeviceGetCount", e))?;
+        let mut out = Vec::new();
+        for ordinal in 0..usize::try_from(count).unwrap_or(0) {
+            let ctx = CudaContext::new(ordinal).map_err(|e| d("cuCtx", e))?;
+            let name = ctx.name().map_err(|e| d("cuDeviceGetName", e))?;
+            let (major, minor) = ctx
+                .compute_capability()
+                .map_err(|e| d("compute capability", e))?;
+            let (free, total) = ctx.mem_get_info().map_err(|e| d("cuMemGetInfo", e))?;
+            out.push(Device {
+                kind: DeviceKind::Cuda,
+                ordinal,
+                name,
+                memory_total_bytes: total as u64,
+                memory_free_bytes: free as u64,
+                compute_capability: Some((
+                    u32::try_from(major).unwrap_or(0),
+                    u32::try_from(minor).unwrap_or(0),
+                )),
+            });
+        }
+        Ok(out)
+    });
+    found.map_err(|e| e.to_string())
+}
+
+/// The compiled kernels of one device.
+struct Kernels {
+    scatter_add: CudaFunction,
+    gather: CudaFunction,
+}
+
+/// Kernels by device ordinal: compiled with NVRTC at first use, then shared.
+fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>, Error> {
+    static CACHE: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(k) = map.get(&ctx.ordinal()) {
+        return Ok(k.clone());
+    }
+    if !nvrtc_present() {
+        return Err(Error::Unavailable(
+            "no NVRTC library (libnvrtc) found to compile the kernels".into(),
+        ));
+    }
+    let ptx =
+        cudarc::nvrtc::compile_ptx(KERNELS_CU).map_err(|e| Error::Driver(format!("NVRTC: {e}")))?;
+    let module = ctx
+        .load_module(ptx)
+        .map_err(|e| Error::Driver(format!("cuModuleLoad: {e}")))?;
+    let function = |name: &str| {
+        module
+            .load_function(name)
+            .map_err(|e| Error::Driver(format!("{name}: {e}")))
+    };
+    let k = Arc::new(Kernels {
+        scatter_add: function("tessel_scatter_add")?,
+        gather: function("tessel_gather")?,
+    });
+    map.insert(ctx.ordinal(), k.clone());
+    Ok(k)
+}
+
+/// The launch shape for `n` batch rows of `dim`: x over columns (a warp at least), y over rows.
+fn launch_config(n: usize, dim: usize) -> LaunchConfig {
+    let x = (dim.next_power_of_two()).clamp(32, 256) as u32;
+    let y = 256 / x;
+    let blocks = (n as u64)
+        .div_ceil(u64::from(y))
+        .clamp(1, u64::from(MAX_BLOCKS)) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (x, y, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// One slot of batch staging: pinned host buffers and their device twins.
+struct Slot {
+    host_rows: PinnedHostSlice<u32>,
+    host_values: PinnedHostSlice<f32>,
+    dev_rows: CudaSlice<u32>,
+    dev_values: CudaSlice<f32>,
+    /// Rows it holds.
+    capacity_rows: usize,
+}
+
+/// Copies the first `n` elements of pinned `src` into `dst` on `stream`, asynchronously.
+fn htod_prefix<T: cudarc::driver::DeviceRepr>(
+    stream: &Arc<CudaStream>,
+    src: &PinnedHostSlice<T>,
+    n: usize,
+    dst: &mut CudaSlice<T>,
+) -> Result<(), DriverError> {
+    if n == 0 {
+        return Ok(());
+    }
+    debug_assert!(n <= src.len() && n <= dst.len());
+    stream.context().bind_to_thread()?;
+    // SAFETY: `stream_synced_slice` makes `stream` wait for earlier host writes' event and
+    // records the pinned buffer's event when `_src_done` drops, after the copy is enqueued, so
+    // the next host write (through `as_mut_slice`, which waits on that event) cannot race it.
+    let (host, _src_done) = unsafe { src.stream_synced_slice(stream) };
+    let (ptr, _dst_done) = dst.device_ptr_mut(stream);
+    // SAFETY: `ptr` points at `dst`, at least `n` elements long (checked by the callers, who
+    // size slots before use); `host[..n]` is pinned memory kept alive by `src` until its event
+    // completes (cudarc's drop of a pinned slice synchronises that event).
+    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, &host[..n], stream.cu_stream()) }
+}
+
+/// Values below which a staging copy stays on the calling thread (4 MiB).
+const PARALLEL_COPY_MIN_VALUES: usize = 1 << 20;
+
+/// `dst.copy_from_slice(src)` on up to `threads` threads: one thread's memcpy into pinned
+/// memory is slower than the host-to-device copy it feeds.
+fn parallel_copy(dst: &mut [f32], src: &[f32], threads: usize) {
+    if threads <= 1 || src.len() < PARALLEL_COPY_MIN_VALUES {
+        dst.copy_from_slice(src);
+        return;
+    }
+    let per = src.len().div_ceil(threads);
+    std::thread::scope(|s| {
+        for (d, c) in dst.chunks_mut(per).zip(src.chunks(per)) {
+            s.spawn(move || d.copy_from_slice(c));
+        }
+    });
+}
+
+/// A table in a CUDA device's memory.
+pub struct CudaTable {
+    device: Device,
+    ctx: Arc<CudaContext>,
+    compute: Arc<CudaStream>,
+    copy: Arc<CudaStream>,
+    kernels: Arc<Kernels>,
+    data: CudaSlice<f32>,
+    first: u64,
+    len_rows: u64,
+    dim: usize,
+    slots: Vec<Slot>,
+    next_slot: usize,
+    max_batch_rows: usize,
+    /// Threads that copy a batch's values into pinned staging.
+    copy_threads: usize,
+}
+
+impl CudaTable {
+    /// A zeroed `rows × dim` table on `device`.
+    pub(crate) fn create(
+        device: &Device,
+        rows: Range<u64>,
+        dim: usize,
+        config: &TableConfig,
+    ) -> Result<Self, Error> {
+        if !driver_present() {
+            return Err(Error::Unavailable(
+                "no CUDA driver library (libcuda) found".into(),
+            ));
+        }
+        guarded("create", || {
+            let count = cudarc::driver::result::init()
+                .and_then(|()| CudaContext::device_count())
+                .map_err(|e| Error::Unavailable(format!("CUDA: {e}")))?;
+            if device.ordinal >= usize::try_from(count).unwrap_or(0) {
+                return Err(Error::Unavailable(format!(
+                    "no CUDA device {} (the driver reports {count})",
+                    device.ordinal
+                )));
+            }
+            let ctx = CudaContext::new(device.ordinal)
+                .map_err(|e| Error::Unavailable(format!("CUDA device {}: {e}", device.ordinal)))?;
+            let len_rows = rows.end - rows.start;
+            let values = len_rows
+                .checked_mul(dim as u64)
+                .and_then(|v| usize::try_from(v).ok())
+                .ok_or(Error::OutOfMemory {
+                    device: device.name.clone(),
+                    bytes: u64::MAX,
+                })?;
+            let bytes = values as u64 * 4;
+            let kernels = kernels(&ctx)?;
+            let compute = ctx
+                .new_stream()
+                .map_err(|e| driver("stream", &device.name, 0, e))?;
+            let copy = ctx
+                .new_stream()
+                .map_err(|e| driver("stream", &device.name, 0, e))?;
+            let data = compute
+                .alloc_zeros::<f32>(values.max(1))
+                .map_err(|e| driver("alloc", &device.name, bytes, e))?;
+            compute
+                .synchronize()
+                .map_err(|e| driver("alloc", &device.name, bytes, e))?;
+            Ok(CudaTable {
+                device: device.clone(),
+                ctx,
+                compute,
+                copy,
+                kernels,
+                data,
+                first: rows.start,
+                len_rows,
+                dim,
+                slots: Vec::new(),
+                next_slot: 0,
+                max_batch_rows: config.max_batch_rows,
+                copy_threads: config.cpu_threads.max(1),
+            })
+        })
+    }
+
+    pub(crate) fn rows(&self) -> Range<u64> {
+        self.first..self.first + self.len_rows
+    }
+
+    pub(crate) fn dim(&self) -> usize {
+        self.dim
+    }
+
+    fn values(&self) -> usize {
+        self.len_rows as usize * self.dim
+    }
+
+    fn err(&self, what: &str, bytes: u64) -> impl Fn(DriverError) -> Error + '_ {
+        let what = what.to_string();
+        move |e| driver(&what, &self.device.name, bytes, e)
+    }
+
+    /// Makes slot `i` hold at least `n` rows (growing to a power of two, at most the limit).
+    fn ensure_slot(&mut self, i: usize, n: usize) -> Result<(), Error> {
+        if self.slots.get(i).is_some_and(|s| s.capacity_rows >= n) {
+            return Ok(());
+        }
+        let rows = n
+            .next_power_of_two()
+            .max(1024)
+            .min(self.max_batch_rows.max(n));
+        let values = rows * self.dim;
+        let bytes = (rows * 4 + values * 4) as u64;
+        let e = |e| driver("staging", &self.device.name, bytes, e);
+        // SAFETY: pinned memory is uninitialised; only the first `n` rows of a batch are ever
+        // written by the host and then copied, so nothing uninitialised is read.
+        let host_rows = unsafe { self.ctx.alloc_pinned::<u32>(rows) }.map_err(e)?;
+        // SAFETY: as above.
+        let host_values = unsafe { self.ctx.alloc_pinned::<f32>(values) }.map_err(e)?;
+        // SAFETY: device staging is uninitialised; kernels read only the first `n` entries,
+        // which the copy stream writes before the kernel (ordered by cudarc's events).
+        let dev_rows = unsafe { self.copy.alloc::<u32>(rows) }.map_err(e)?;
+        // SAFETY: as above.
+        let dev_values = unsafe { self.copy.alloc::<f32>(values) }.map_err(e)?;
+        let slot = Slot {
+            host_rows,
+            host_values,
+            dev_rows,
+            dev_values,
+            capacity_rows: rows,
+        };
+        if i < self.slots.len() {
+            self.slots[i] = slot;
+        } else {
+            self.slots.push(slot);
+        }
+        Ok(())
+    }
+
+    /// Applies validated batches, overlapping the copy of one with the apply of the previous.
+    pub(crate) fn apply_many(&mut self, batches: &[(&[u32], &[f32])]) -> Result<(), Error> {
+        guarded("apply", || {
+            let largest = batches.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
+            // Allocate both slots first so an allocation failure leaves the table untouched.
+            for i in 0..2 {
+                self.ensure_slot(i, largest)?;
+            }
+            let (first, dim) = (self.first, self.dim as u32);
+            for (rows, values) in batches {
+                let n = rows.len();
+                if n == 0 {
+                    continue;
+                }
+                let i = self.next_slot;
+                self.next_slot ^= 1;
+                let slot = &mut self.slots[i];
+                // `as_mut_slice` waits until the slot's previous copy has left the buffer.
+                let err = |e| driver("staging", &self.device.name, 0, e);
+                slot.host_rows.as_mut_slice().map_err(err)?[..n].copy_from_slice(rows);
+                parallel_copy(
+                    &mut slot.host_values.as_mut_slice().map_err(err)?[..values.len()],
+                    values,
+                    self.copy_threads,
+                );
+                htod_prefix(&self.copy, &slot.host_rows, n, &mut slot.dev_rows).map_err(err)?;
+                htod_prefix(
+                    &self.copy,
+                    &slot.host_values,
+                    values.len(),
+                    &mut slot.dev_values,
+                )
+                .map_err(err)?;
+                let n32 = n as u32;
+                let mut launch = self.compute.launch_builder(&self.kernels.scatter_add);
+                launch
+                    .arg(&mut self.data)
+                    .arg(&slot.dev_rows)
+                    .arg(&slot.dev_values)
+                    .arg(&first)
+                    .arg(&n32)
+                    .arg(&dim);
+                // SAFETY: the arguments match `tessel_scatter_add`'s signature in order and
+                // type; every row was checked to lie in the table, `n` rows of `dim` values
+                // are staged, and cudarc orders the launch after the copy stream's writes.
+                unsafe { launch.launch(launch_config(n, dim as usize)) }.map_err(err)?;
+            }
+            self.compute
+                .synchronize()
+                .and_then(|()| self.ctx.check_err())
+                .map_err(|e| driver("apply", &self.device.name, 0, e))
+        })
+    }
+
+    /// Copies rows out with the gather kernel.
+    pub(crate) fn gather(&self, rows: &[u32]) -> Result<Vec<f32>, Error> {
+        guarded("gather", || {
+            if rows.is_empty() {
+                return Ok(Vec::new());
+            }
+            let n = rows.len();
+            let bytes = (n * self.dim * 4) as u64;
+            let dev_rows = self
+                .compute
+                .clone_htod(rows)
+                .map_err(self.err("gather", 0))?;
+            let mut out = self
+                .compute
+                .alloc_zeros::<f32>(n * self.dim)
+                .map_err(self.err("gather", bytes))?;
+            let (first, n32, dim) = (self.first, n as u32, self.dim as u32);
+            let mut launch = self.compute.launch_builder(&self.kernels.gather);
+            launch
+                .arg(&self.data)
+                .arg(&dev_rows)
+                .arg(&mut out)
+                .arg(&first)
+                .arg(&n32)
+                .arg(&dim);
+            // SAFETY: arguments match `tessel_gather` in order and type; rows were checked to
+            // lie in the table and `out` holds `n × dim` values.
+            unsafe { launch.launch(launch_config(n, self.dim)) }.map_err(self.err("gather", 0))?;
+            self.compute.clone_dtoh(&out).map_err(self.err("gather", 0))
+        })
+    }
+
+    /// Replaces the table with `data` (checked to be `rows × dim` long) through pinned staging.
+    pub(crate) fn load(&mut self, data: &[f32]) -> Result<(), Error> {
+        guarded("load", || {
+            let chunk = TRANSFER_CHUNK_VALUES.min(data.len()).max(1);
+            // SAFETY: uninitialised pinned memory; each chunk is written before it is copied.
+            let mut pinned = unsafe { self.ctx.alloc_pinned::<f32>(chunk) }
+                .map_err(self.err("load", (chunk * 4) as u64))?;
+            // Stage into a fresh device buffer, so a failure midway leaves the table unchanged.
+            let mut fresh = self
+                .compute
+                .alloc_zeros::<f32>(self.values().max(1))
+                .map_err(self.err("load", (self.values() * 4) as u64))?;
+            for (k, part) in data.chunks(chunk).enumerate() {
+                let err = |e| driver("load", &self.device.name, 0, e);
+                pinned.as_mut_slice().map_err(err)?[..part.len()].copy_from_slice(part);
+                let mut dst = fresh.slice_mut(k * chunk..k * chunk + part.len());
+                let (ptr, _done) = dst.device_ptr_mut(&self.compute);
+                // SAFETY: as in `htod_prefix`: the pinned event is waited on by the stream and
+                // recorded after the copy; `dst` holds exactly `part.len()` values.
+                let (host, _src_done) = unsafe { pinned.stream_synced_slice(&self.compute) };
+                // SAFETY: `ptr` is `dst`'s device pointer, `host[..part.len()]` is in bounds.
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        ptr,
+                        &host[..part.len()],
+                        self.compute.cu_stream(),
+                    )
+                }
+                .map_err(err)?;
+            }
+            self.compute.synchronize().map_err(self.err("load", 0))?;
+            self.data = fresh;
+            Ok(())
+        })
+    }
+
+    /// The whole table, copied out through pinned host staging.
+    pub(crate) fn export(&self) -> Result<Vec<f32>, Error> {
+        guarded("export", || {
+            let total = self.values();
+            let chunk = TRANSFER_CHUNK_VALUES.min(total).max(1);
+            // SAFETY: uninitialised pinned memory, written by each copy before it is read.
+            // Not write-combined: the host reads it back.
+            let mut pinned = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(chunk, 0) }
+                .map_err(self.err("export", (chunk * 4) as u64))?;
+            let mut out = Vec::with_capacity(total);
+            let mut at = 0;
+            while at < total {
+                let len = chunk.min(total - at);
+                let src = self.data.slice(at..at + len);
+                self.compute
+                    .memcpy_dtoh(&src, &mut pinned)
+                    .map_err(self.err("export", 0))?;
+                // `as_slice` waits for the copy.
+                out.extend_from_slice(&pinned.as_slice().map_err(self.err("export", 0))?[..len]);
+                at += len;
+            }
+            Ok(out)
+        })
+    }
+}
+
+/// Seconds `f` takes, after synchronising `stream`.
+fn timed(stream: &Arc<CudaStream>, f: impl FnOnce() -> Result<(), Error>) -> Result<f64, Error> {
+    stream
+        .synchronize()
+        .map_err(|e| Error::Driver(e.to_string()))?;
+    let t0 = Instant::now();
+    f()?;
+    stream
+        .synchronize()
+        .map_err(|e| Error::Driver(e.to_string()))?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// The CUDA benchmarks on `device` (see [`crate::bench`]).
+pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, Error> {
+    guarded("bench", || {
+        let dim = 128usize;
+        let batch = 1usize << 20;
+        let table_rows: u64 = if cfg.quick { 1 << 21 } else { 1 << 23 };
+        let reps = if cfg.quick { 3 } else { 10 };
+        let config = TableConfig {
+            max_batch_rows: batch,
+            ..TableConfig::default()
+        };
+        let mut t = CudaTable::create(device, 0..table_rows, dim, &config)?;
+        let ids = random_rows(batch, table_rows, 0x2545_f491_4f6c_dd1d);
+        let values: Vec<f32> = (0..batch * dim).map(|i| (i % 7) as f32 * 1e-3).collect();
+        let row_bytes = (dim * 4) as f64;
+        let mut out = Vec::new();
+
+        // Device-to-device memcpy of a buffer the size of one batch's values (512 MiB).
+        let src = t
+            .compute
+            .alloc_zeros::<f32>(batch * dim)
+            .map_err(t.err("bench", (batch * dim * 4) as u64))?;
+        let mut dst = t
+            .compute
+            .alloc_zeros::<f32>(batch * dim)
+            .map_err(t.err("bench", (batch * dim * 4) as u64))?;
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let s = timed(&t.compute, || {
+                t.compute
+                    .memcpy_dtod(&src, &mut dst)
+                    .map_err(|e| Error::Driver(e.to_string()))
+            })?;
+            best = best.min(s);
+        }
+        let d2d = 2.0 * (batch * dim * 4) as f64 / best / 1e9;
+        out.push(row("cuda d2d memcpy (read + write)", d2d, "GB/s", None));
+
+        // Scatter-add alone: the batch already on the device.
+        t.apply_many(&[(&ids, &values)])?; // warm-up, fills the slots
+        let kernels = t.kernels.clone();
+        let dev_rows = t.compute.clone_htod(&ids).map_err(t.err("bench", 0))?;
+        let dev_values = t.compute.clone_htod(&values).map_err(t.err("bench", 0))?;
+        let (first, n32, dim32) = (0u64, batch as u32, dim as u32);
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let s = timed(&t.compute, || {
+                let mut launch = t.compute.launch_builder(&kernels.scatter_add);
+                launch
+                    .arg(&mut t.data)
+                    .arg(&dev_rows)
+                    .arg(&dev_values)
+                    .arg(&first)
+                    .arg(&n32)
+                    .arg(&dim32);
+                // SAFETY: arguments match `tessel_scatter_add`; the rows are below
+                // `table_rows`, and `dev_values` holds `batch × dim` values.
+                unsafe { launch.launch(launch_config(batch, dim)) }
+                    .map(|_| ())
+                    .map_err(|e| Error::Driver(e.to_string()))
+            })?;
+            best = best.min(s);
+        }
+        let scatter = batch as f64 * (3.0 * row_bytes + 4.0) / best / 1e9;
+        out.push(row(
+            "cuda scatter-add, 1M rows × dim 128",
+            scatter,
+            "GB/s",
+            Some(("cuda d2d memcpy", d2d)),
+        ));
+
+        // Pinned host-to-device memcpy of one batch's bytes.
+        // SAFETY: uninitialised pinned memory, only copied from (its bytes are not used).
+        let pinned = unsafe { t.ctx.alloc_pinned::<f32>(batch * (dim + 1)) }
+            .map_err(t.err("bench", (batch * (dim + 1) * 4) as u64))?;
+        let mut dev = t
+            .copy
+            .alloc_zeros::<f32>(batch * (dim + 1))
+            .map_err(t.err("bench", 0))?;
+        let mut best = f64::MAX;
+        for _ in 0..reps {
+            let s = timed(&t.copy, || {
+                t.copy
+                    .memcpy_htod(&pinned, &mut dev)
+                    .map_err(|e| Error::Driver(e.to_string()))
+            })?;
+            best = best.min(s);
+        }
+        let batch_bytes = (batch * (dim + 1) * 4) as f64;
+        let h2d = batch_bytes / best / 1e9;
+        out.push(row("cuda pinned h2d memcpy", h2d, "GB/s", None));
+
+        // The feed: batches from pageable host memory through the double-buffered pipeline.
+        let feed_batches = 4;
+        let list: Vec<(&[u32], &[f32])> = (0..feed_batches)
+            .map(|_| (ids.as_slice(), values.as_slice()))
+            .collect();
+        let mut best = f64::MAX;
+        for _ in 0..reps.min(3) {
+            let t0 = Instant::now();
+            t.apply_many(&list)?;
+            best = best.min(t0.elapsed().as_secs_f64());
+        }
+        let feed = feed_batches as f64 * batch_bytes / best / 1e9;
+        out.push(row(
+            "cuda feed (h2d + apply), 4 batches",
+            feed,
+            "GB/s",
+            Some(("cuda pinned h2d memcpy", h2d)),
+        ));
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_inside_the_cuda_library_becomes_an_error() {
+        let r: Result<(), Error> = guarded("probe", || panic!("Unable to dynamically load"));
+        match r {
+            Err(Error::Driver(text)) => assert!(text.contains("Unable to dynamically load")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn launch_shapes_cover_the_columns_with_whole_warps() {
+        let c = launch_config(1 << 20, 128);
+        assert_eq!(c.block_dim, (128, 2, 1));
+        assert_eq!(c.grid_dim.0, MAX_BLOCKS);
+        let c = launch_config(3, 1);
+        assert_eq!(c.block_dim, (32, 8, 1));
+        assert_eq!(c.grid_dim.0, 1);
+        let c = launch_config(10, 1000);
+        assert_eq!(c.block_dim, (256, 1, 1));
+        assert_eq!(c.grid_dim.0, 10);
+    }
+}
