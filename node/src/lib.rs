@@ -13,6 +13,7 @@ pub mod cmd;
 pub mod config;
 pub mod connect;
 pub mod deltas;
+pub mod demo;
 pub mod eventstore;
 pub mod http;
 pub mod localcluster;

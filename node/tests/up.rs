@@ -1,5 +1,5 @@
-//! `tessel up`, the README's main job: starts NATS and three nodes, shows a settled status,
-//! stops everything it started.
+//! `tessel up`, the README's main job: starts NATS and three nodes, shows a settled status, runs
+//! the demo workload, stops everything it started.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::process::Command;
@@ -8,7 +8,7 @@ use std::process::Command;
 fn up_starts_a_settled_three_node_cluster_and_cleans_up() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tessel"))
-        .args(["up", "--duration-s", "6", "--status-every-s", "1", "--dir"])
+        .args(["up", "--duration-s", "10", "--status-every-s", "1", "--dir"])
         .arg(dir.path())
         .env("RUST_LOG", "warn")
         .output()
@@ -26,6 +26,18 @@ fn up_starts_a_settled_three_node_cluster_and_cleans_up() {
         );
     }
     assert!(text.contains("unowned slots 0"), "{text}");
+    // The demo workload ran: its final report counts rows acknowledged and applied.
+    let last = text
+        .lines()
+        .find(|l| l.starts_with("demo: demo: final: "))
+        .unwrap_or_else(|| panic!("no final demo report:\n{text}"));
+    let applied: u64 = last
+        .split(" rows acked, ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("cannot read the applied rows in {last:?}"));
+    assert!(applied > 0, "{last}");
     for n in ["node-1", "node-2", "node-3"] {
         assert!(
             text.contains(&format!("{n} exited (exit status: 0)")),

@@ -36,6 +36,12 @@ pub struct UpArgs {
     /// Seconds between status prints.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=3600))]
     status_every_s: u64,
+    /// The demo workload's rate in rows per second, once the cluster settles (0: no demo).
+    #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    demo_rate: u64,
+    /// The demo model's name.
+    #[arg(long, default_value = "demo")]
+    demo_model: String,
 }
 
 /// Runs `tessel up`.
@@ -48,6 +54,10 @@ pub fn run(args: UpArgs) -> ExitCode {
         eprintln!(
             "tessel up: --servers must be 1 or 3 (two servers cannot keep a JetStream quorum through a failure)"
         );
+        return ExitCode::from(2);
+    }
+    if let Err(e) = actors::es::ActorKey::new("model", &args.demo_model) {
+        eprintln!("tessel up: --demo-model: {e}");
         return ExitCode::from(2);
     }
     crate::cmd::node::init_tracing(crate::config::LogFormat::Text);
@@ -112,7 +122,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         Arc::new(Metrics::default()),
     )
     .await?;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
+    let mut demo: Option<crate::demo::Demo> = None;
+    let mut demo_failed = false;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let started = Instant::now();
@@ -134,6 +146,26 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                             print!("{table}");
                             last = key;
                         }
+                        if s.settled() && demo.is_none() && !demo_failed && args.demo_rate > 0 {
+                            let opts = crate::demo::DemoOptions {
+                                model: args.demo_model.clone(),
+                                rate_rows_per_s: args.demo_rate,
+                                ..Default::default()
+                            };
+                            println!("tessel up: demo: model {} ({} rows × {}), producing {} rows/s", opts.model, opts.rows, opts.dim, opts.rate_rows_per_s);
+                            match crate::demo::Demo::start(&client, &args.cluster, opts).await {
+                                Ok(d) => demo = Some(d),
+                                Err(e) => {
+                                    println!("tessel up: demo could not start: {e:#}");
+                                    demo_failed = true;
+                                }
+                            }
+                        } else if let Some(d) = demo.as_mut() {
+                            println!("demo: {}: {}", args.demo_model, d.report());
+                            if let Some(e) = d.last_error() {
+                                println!("demo: last send error: {e}");
+                            }
+                        }
                     }
                     Err(e) => println!("--- {:.1}s  waiting for the cluster: {e}", started.elapsed().as_secs_f64()),
                 }
@@ -147,6 +179,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    if let Some(d) = demo.take() {
+        let mut d = d;
+        println!("demo: {}: final: {}", args.demo_model, d.report());
+        d.stop();
     }
     println!("tessel up: stopping: draining the nodes");
     let stops = nodes.iter_mut().map(|n| n.stop(Duration::from_secs(15)));
