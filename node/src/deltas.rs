@@ -312,6 +312,67 @@ pub fn decode_checkpoint(
     Ok((table, h["position"].as_u64().unwrap_or(0), chains))
 }
 
+/// A slot's table, the stream sequence it has applied through, and the last checksum of each
+/// producer's chain.
+pub type SlotState = (Table, u64, HashMap<u32, u64>);
+
+/// One model of a family of branches: its name, its transform, and where it forked from the
+/// previous generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The model.
+    pub model: String,
+    /// Its delta scale.
+    pub scale: f32,
+    /// Its delta clip.
+    pub clip: Option<f32>,
+    /// The parent's stream sequence it forked at (None for a model created from nothing).
+    pub fork_seq: Option<u64>,
+}
+
+impl Generation {
+    /// From a model actor's description.
+    pub fn from_description(model: &str, v: &Value) -> Generation {
+        Generation {
+            model: model.to_string(),
+            scale: v["scale"].as_f64().map_or(1.0, |x| x as f32),
+            clip: v["clip"].as_f64().map(|x| x as f32),
+            fork_seq: v["parent"].as_str().and_then(|_| v["fork_seq"].as_u64()),
+        }
+    }
+}
+
+/// Most generations followed from a branch up to its root.
+pub const MAX_LINEAGE: usize = 16;
+
+/// A model's family line, root first and the model last, from the model actors' descriptions.
+pub async fn lineage(
+    actors: &crate::client::ActorClient,
+    model: &str,
+) -> Result<Vec<Generation>, String> {
+    let mut line = Vec::new();
+    let mut next = Some(model.to_string());
+    while let Some(name) = next.take() {
+        if line.len() >= MAX_LINEAGE {
+            return Err(format!(
+                "{model} descends through more than {MAX_LINEAGE} branches"
+            ));
+        }
+        let key = actors::es::ActorKey::new("model", &name).map_err(|e| e.to_string())?;
+        let (v, _) = actors
+            .ask(&key, &json!({"cmd": "describe"}), Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("describe {name}: {e}"))?;
+        if v["state"] == "Absent" {
+            return Err(format!("no model {name:?}"));
+        }
+        line.push(Generation::from_description(&name, &v));
+        next = v["parent"].as_str().map(str::to_string);
+    }
+    line.reverse();
+    Ok(line)
+}
+
 /// One model's slot on its owner: the table, the position, the consumer.
 pub struct SlotModel {
     /// Shared.
@@ -358,14 +419,14 @@ impl SlotModel {
         names.iter().filter(move |n| n.starts_with(&prefix))
     }
 
-    /// The newest readable checkpoint of the slot (or an empty table at position 0).
-    pub async fn restore(&self) -> (Table, u64, HashMap<u32, u64>) {
+    /// The newest readable checkpoint of the slot, if it has one.
+    pub async fn restore(&self) -> Option<SlotState> {
         let names = self.checkpoint_names().await;
         self.restore_from(&names, u64::MAX).await
     }
 
     /// The newest readable checkpoint among `names` at a position of at most `limit`.
-    async fn restore_from(&self, names: &[String], limit: u64) -> (Table, u64, HashMap<u32, u64>) {
+    async fn restore_from(&self, names: &[String], limit: u64) -> Option<SlotState> {
         let range = slot_rows(self.rows, self.slot);
         for name in self.own(names).rev() {
             let pos: u64 = name
@@ -385,15 +446,24 @@ impl SlotModel {
             }
             match decode_checkpoint(&bytes, range.clone(), self.dim as usize) {
                 Ok(v) => {
-                    info!(model = %self.model, slot = self.slot.get(), position = v.1, "restored checkpoint");
-                    return v;
+                    debug!(model = %self.model, slot = self.slot.get(), position = v.1, "restored checkpoint");
+                    return Some(v);
                 }
                 Err(e) => {
                     warn!(model = %self.model, slot = self.slot.get(), %name, error = %e, "skipping a bad checkpoint")
                 }
             }
         }
-        (Table::zeros(range, self.dim as usize), 0, HashMap::new())
+        None
+    }
+
+    /// An empty table of the slot at position 0.
+    fn empty(&self) -> SlotState {
+        (
+            Table::zeros(slot_rows(self.rows, self.slot), self.dim as usize),
+            0,
+            HashMap::new(),
+        )
     }
 
     async fn checkpoint(&self, table: &Table, position: u64, chains: &HashMap<u32, u64>) {
@@ -435,7 +505,7 @@ impl SlotModel {
     /// what [`SlotModel::restore`] returned.
     pub async fn run(
         self,
-        state: (Table, u64, HashMap<u32, u64>),
+        state: SlotState,
         mut inbox: tokio::sync::mpsc::Receiver<jetstream::Message>,
     ) {
         let (mut table, mut position, mut chains) = state;
@@ -712,7 +782,7 @@ impl ModelHost {
             return;
         };
         let mut want: HashMap<String, (u64, u32, std::collections::BTreeSet<u16>)> = HashMap::new();
-        let mut transforms: HashMap<String, (f32, Option<f32>)> = HashMap::new();
+        let mut generations: HashMap<String, Generation> = HashMap::new();
         for name in names {
             let Ok(key) = actors::es::ActorKey::new("model", &name) else {
                 continue;
@@ -738,9 +808,7 @@ impl ModelHost {
                 .map(|s| s.get())
                 .collect();
             if !slots.is_empty() {
-                let scale = v["scale"].as_f64().map_or(1.0, |x| x as f32);
-                let clip = v["clip"].as_f64().map(|x| x as f32);
-                transforms.insert(name.clone(), (scale, clip));
+                generations.insert(name.clone(), Generation::from_description(&name, &v));
                 want.insert(name, (rows, dim, slots));
             }
         }
@@ -763,11 +831,23 @@ impl ModelHost {
             if running.contains_key(&model) {
                 continue;
             }
-            let (scale, clip) = transforms.get(&model).copied().unwrap_or((1.0, None));
-            match self
-                .start_group(&model, rows, dim, &slots, scale, clip)
-                .await
-            {
+            let Some(me) = generations.remove(&model) else {
+                continue;
+            };
+            // A branch needs its family line: its slots without a checkpoint of their own
+            // start from the parent's tables at the fork point.
+            let line = if me.fork_seq.is_some() {
+                match lineage(&self.actors, &model).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(%model, error = %e, "cannot read the branch's parents");
+                        continue;
+                    }
+                }
+            } else {
+                vec![me]
+            };
+            match self.start_group(&line, rows, dim, &slots).await {
                 Ok(g) => {
                     running.insert(model, g);
                 }
@@ -778,13 +858,15 @@ impl ModelHost {
 
     async fn start_group(
         &self,
-        model: &str,
+        line: &[Generation],
         rows: u64,
         dim: u32,
         slots: &std::collections::BTreeSet<u16>,
-        scale: f32,
-        clip: Option<f32>,
     ) -> anyhow::Result<Group> {
+        let Some(me) = line.last() else {
+            anyhow::bail!("no model");
+        };
+        let model = me.model.as_str();
         let mut models = Vec::new();
         for &slot in slots {
             models.push(SlotModel {
@@ -797,14 +879,51 @@ impl ModelHost {
                 dim,
                 slot: Slot::new(u64::from(slot))?,
                 cfg: SlotModelConfig {
-                    scale,
-                    clip,
+                    scale: me.scale,
+                    clip: me.clip,
                     ..self.cfg.clone()
                 },
                 metrics: self.metrics.clone(),
             });
         }
-        let states = futures::future::join_all(models.iter().map(|m| m.restore())).await;
+        let restored = futures::future::join_all(models.iter().map(|m| m.restore())).await;
+        let missing: std::collections::BTreeSet<u16> = models
+            .iter()
+            .zip(&restored)
+            .filter(|(_, r)| r.is_none())
+            .map(|(m, _)| m.slot.get())
+            .collect();
+        // A branch's slot without a checkpoint of its own starts from the parent's table at
+        // the fork point, checkpointed at once so that a restart does not rebuild it again.
+        let mut forked: BTreeMap<u16, Table> = BTreeMap::new();
+        if let (Some(fork), Some(template), false) =
+            (me.fork_seq, models.first(), missing.is_empty())
+            && line.len() > 1
+        {
+            forked = replay_model(
+                template,
+                &line[..line.len() - 1],
+                Some(&missing),
+                &|_| fork,
+                &mut |_| {},
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("the branch's fork state: {e}"))?;
+            info!(%model, slots = forked.len(), fork, "branch slots start from the parent's state");
+        }
+        let mut states = Vec::new();
+        for (m, r) in models.iter().zip(restored) {
+            let state = match (r, forked.remove(&m.slot.get()), me.fork_seq) {
+                (Some(st), _, _) => st,
+                (None, Some(table), Some(fork)) => {
+                    let chains = HashMap::new();
+                    m.checkpoint(&table, fork, &chains).await;
+                    (table, fork, chains)
+                }
+                _ => m.empty(),
+            };
+            states.push(state);
+        }
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<jetstream::Message>> =
             HashMap::new();
@@ -924,48 +1043,52 @@ pub async fn get_slot(
     Ok((data, v["ok"]["position"].as_u64().unwrap_or(0)))
 }
 
-/// Rebuilds a model's slot tables offline with one ordered consumer over the model's subjects:
-/// each slot starts from its newest checkpoint at or below its limit (`to_seq(slot)`), then
-/// applies its deltas after that checkpoint up to the limit, validated exactly as the live path
-/// does. `progress` is called with the stream sequences read so far and the last one.
-pub async fn replay_model(
-    template: &SlotModel,
-    to_seq: &dyn Fn(Slot) -> u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<BTreeMap<u16, Table>, String> {
-    let names = template.checkpoint_names().await;
-    struct S {
-        model: SlotModel,
-        table: Table,
-        position: u64,
-        chains: HashMap<u32, u64>,
-        limit: u64,
-        range: std::ops::Range<u64>,
-    }
-    let mut slots: BTreeMap<u16, S> = BTreeMap::new();
-    for slot in Slot::all() {
-        let range = slot_rows(template.rows, slot);
-        if range.is_empty() {
-            continue;
-        }
-        let limit = to_seq(slot);
-        let model = template.for_slot(slot);
-        let state = model.restore_from(&names, limit).await;
-        slots.insert(
-            slot.get(),
-            S {
-                model,
-                table: state.0,
-                position: state.1,
-                chains: state.2,
-                limit,
-                range,
-            },
-        );
-    }
-    let stream = template
-        .js
-        .get_stream(deltas_stream(&template.cluster))
+/// Where a pass over the stream is (for progress bars).
+#[derive(Clone, Debug, Default)]
+pub struct ScanProgress<'a> {
+    /// The model whose subjects are read.
+    pub model: &'a str,
+    /// The stream sequence just read.
+    pub seq: u64,
+    /// The pass started after this sequence…
+    pub start: u64,
+    /// …and ends at this one.
+    pub end: u64,
+    /// Messages read so far.
+    pub messages: u64,
+    /// Rows in the frames read so far.
+    pub rows: u64,
+    /// Messages of the model after this one, by the server's count (past `end` too).
+    pub pending: u64,
+    /// Whether the pass reads to the stream's last sequence (then `messages + pending` is the
+    /// pass's total).
+    pub to_end: bool,
+}
+
+/// A slot during a pass over the stream.
+struct ScanSlot {
+    model: SlotModel,
+    position: u64,
+    chains: HashMap<u32, u64>,
+    limit: u64,
+    range: std::ops::Range<u64>,
+}
+
+/// One pass with an ordered consumer over a model's slot subjects, from the lowest position
+/// of `slots` to their highest limit (at most the stream's last sequence): each slot's
+/// messages after its position and up to its limit are validated exactly as the live path
+/// does (advancing the chains) and, when valid, handed to `visit` with their transformed
+/// values. Invalid frames are skipped (the live path dead-letters them).
+async fn scan(
+    js: &jetstream::Context,
+    cluster: &str,
+    model: &str,
+    slots: &mut BTreeMap<u16, ScanSlot>,
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+    visit: &mut (dyn FnMut(u16, u64, &Frame<'_>, &[f32]) -> Result<(), String> + Send),
+) -> Result<(), String> {
+    let stream = js
+        .get_stream(deltas_stream(cluster))
         .await
         .map_err(|e| e.to_string())?;
     let last = stream
@@ -976,58 +1099,295 @@ pub async fn replay_model(
         .last_sequence;
     let start = slots.values().map(|s| s.position).min().unwrap_or(0);
     let end = slots.values().map(|s| s.limit).max().unwrap_or(0).min(last);
-    if end > start {
-        let prefix = format!("{}.delta.{}.", template.cluster, template.model);
-        let cfg = consumer::pull::OrderedConfig {
-            filter_subject: format!("{prefix}*"),
-            deliver_policy: if start > 0 {
-                consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start + 1,
-                }
-            } else {
-                consumer::DeliverPolicy::All
-            },
-            ..Default::default()
-        };
-        let mut messages = stream
-            .create_consumer(cfg)
-            .await
-            .map_err(|e| e.to_string())?
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?;
-        loop {
-            let msg = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-                Ok(Some(Ok(m))) => m,
-                // Nothing more of this model before the end: done.
-                Err(_) => break,
-                _ => return Err("the replay consumer failed".into()),
-            };
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            progress(seq, end);
-            if let Some(s) = msg
-                .subject
-                .strip_prefix(prefix.as_str())
-                .and_then(|s| s.parse::<u16>().ok())
-                .and_then(|s| slots.get_mut(&s))
-                && seq > s.position
-                && seq <= s.limit
-            {
-                s.position = seq;
-                if let Ok(f) = s.model.validate(&msg.payload, &s.range, &mut s.chains) {
-                    let rows: Vec<u32> = f.rows().collect();
-                    let values: Vec<f32> = f.values().map(|v| s.model.transform(v)).collect();
-                    s.table
-                        .apply(&rows, &values, 1)
-                        .map_err(|e| e.to_string())?;
-                }
+    if end <= start {
+        return Ok(());
+    }
+    let prefix = format!("{cluster}.delta.{model}.");
+    let cfg = consumer::pull::OrderedConfig {
+        filter_subject: format!("{prefix}*"),
+        deliver_policy: if start > 0 {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start + 1,
             }
-            if seq >= end {
-                break;
+        } else {
+            consumer::DeliverPolicy::All
+        },
+        ..Default::default()
+    };
+    let mut messages = stream
+        .create_consumer(cfg)
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut at = ScanProgress {
+        model,
+        start,
+        end,
+        to_end: end == last,
+        ..Default::default()
+    };
+    loop {
+        let msg = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            // Nothing more of this model before the end: done.
+            Err(_) => break,
+            _ => return Err("the replay consumer failed".into()),
+        };
+        let (seq, pending) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.pending))
+            .unwrap_or((0, 0));
+        if seq > end {
+            break;
+        }
+        at.seq = seq;
+        at.pending = pending;
+        at.messages += 1;
+        if let Some((slot, s)) = msg
+            .subject
+            .strip_prefix(prefix.as_str())
+            .and_then(|s| s.parse::<u16>().ok())
+            .and_then(|k| slots.get_mut(&k).map(|s| (k, s)))
+            && seq > s.position
+            && seq <= s.limit
+        {
+            s.position = seq;
+            if let Ok(f) = s.model.validate(&msg.payload, &s.range, &mut s.chains) {
+                at.rows += u64::from(f.count);
+                let values: Vec<f32> = f.values().map(|v| s.model.transform(v)).collect();
+                visit(slot, seq, &f, &values)?;
+            }
+        }
+        progress(&at);
+        if seq >= end || pending == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds tables of a model offline. `lineage` is the model's family line, root first and
+/// the model last (one generation for a model that is not a branch). Each slot (of `only`, or
+/// every slot) starts from the model's newest checkpoint at or below its limit
+/// (`to_seq(slot)`); a branch's slot without one starts from its parent's table at the fork
+/// point (rebuilt the same way, recursively), and a root's from zeros. Then one ordered
+/// consumer applies the model's deltas after that, up to the limit, validated and
+/// transformed exactly as the live path does.
+pub async fn replay_model(
+    template: &SlotModel,
+    lineage: &[Generation],
+    only: Option<&std::collections::BTreeSet<u16>>,
+    to_seq: &(dyn Fn(Slot) -> u64 + Sync),
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+) -> Result<BTreeMap<u16, Table>, String> {
+    Ok(replay_states(template, lineage, only, to_seq, progress)
+        .await?
+        .into_iter()
+        .map(|(k, s)| (k, s.0))
+        .collect())
+}
+
+/// [`replay_model`], keeping each slot's position and chains.
+async fn replay_states(
+    template: &SlotModel,
+    lineage: &[Generation],
+    only: Option<&std::collections::BTreeSet<u16>>,
+    to_seq: &(dyn Fn(Slot) -> u64 + Sync),
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+) -> Result<BTreeMap<u16, SlotState>, String> {
+    let Some((me, ancestors)) = lineage.split_last() else {
+        return Err("no model to replay".into());
+    };
+    let own = template.for_generation(me);
+    let names = own.checkpoint_names().await;
+    let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
+    let mut missing = std::collections::BTreeSet::new();
+    let mut states: BTreeMap<u16, SlotState> = BTreeMap::new();
+    for slot in Slot::all() {
+        let range = slot_rows(template.rows, slot);
+        if range.is_empty() || only.is_some_and(|o| !o.contains(&slot.get())) {
+            continue;
+        }
+        let model = own.for_slot(slot);
+        let limit = to_seq(slot);
+        match model.restore_from(&names, limit).await {
+            Some(st) => {
+                states.insert(slot.get(), st);
+            }
+            None => {
+                missing.insert(slot.get());
             }
         }
     }
-    Ok(slots.into_iter().map(|(k, s)| (k, s.table)).collect())
+    // Slots without a checkpoint of their own: a branch's start from its parent at the fork
+    // point (or at the limit, when that comes first); a root's from zeros.
+    if !missing.is_empty() {
+        match (me.fork_seq, ancestors.is_empty()) {
+            (Some(fork), false) => {
+                let limit = |s: Slot| to_seq(s).min(fork);
+                let base = Box::pin(replay_states(
+                    template,
+                    ancestors,
+                    Some(&missing),
+                    &limit,
+                    progress,
+                ))
+                .await?;
+                for (k, (table, _, _)) in base {
+                    let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
+                    states.insert(k, (table, limit(slot), HashMap::new()));
+                }
+            }
+            _ => {
+                for &k in &missing {
+                    let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
+                    states.insert(k, own.for_slot(slot).empty());
+                }
+            }
+        }
+    }
+    let mut tables: BTreeMap<u16, Table> = BTreeMap::new();
+    for (k, (table, position, chains)) in states {
+        let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
+        tables.insert(k, table);
+        slots.insert(
+            k,
+            ScanSlot {
+                model: own.for_slot(slot),
+                position,
+                chains,
+                limit: to_seq(slot),
+                range: slot_rows(template.rows, slot),
+            },
+        );
+    }
+    let mut apply = |slot: u16, _seq: u64, f: &Frame<'_>, values: &[f32]| {
+        let rows: Vec<u32> = f.rows().collect();
+        match tables.get_mut(&slot) {
+            Some(t) => t.apply(&rows, values, 1).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    };
+    scan(
+        &template.js,
+        &template.cluster,
+        &me.model,
+        &mut slots,
+        progress,
+        &mut apply,
+    )
+    .await?;
+    Ok(tables
+        .into_iter()
+        .filter_map(|(k, t)| slots.remove(&k).map(|s| (k, (t, s.position, s.chains))))
+        .collect())
+}
+
+/// What a model's stream changed after sequence `after`, through `through`, per row (values
+/// after the model's transform, the latest HLC), validated as the live path does. The chains
+/// are first brought to `after` from the newest checkpoint at or below it (or from the fork
+/// point of a branch, or from the start), so the frames read are judged as the live slots
+/// judged them.
+pub async fn stream_changes(
+    template: &SlotModel,
+    me: &Generation,
+    after: u64,
+    through: u64,
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+) -> Result<actors::merge::Changes, String> {
+    let own = template.for_generation(me);
+    let names = own.checkpoint_names().await;
+    let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
+    for slot in Slot::all() {
+        let range = slot_rows(template.rows, slot);
+        if range.is_empty() {
+            continue;
+        }
+        let model = own.for_slot(slot);
+        let (position, chains) = match model.restore_from(&names, after).await {
+            Some((_, p, c)) => (p, c),
+            None => match me.fork_seq {
+                Some(f) if f <= after => (f, HashMap::new()),
+                _ => (0, HashMap::new()),
+            },
+        };
+        slots.insert(
+            slot.get(),
+            ScanSlot {
+                model,
+                position,
+                chains,
+                limit: through,
+                range,
+            },
+        );
+    }
+    let max_rows = usize::try_from(template.rows).unwrap_or(usize::MAX);
+    let mut changes = actors::merge::Changes::new(template.dim as usize, max_rows);
+    let mut add = |_slot: u16, seq: u64, f: &Frame<'_>, values: &[f32]| {
+        if seq <= after {
+            return Ok(());
+        }
+        let rows: Vec<u32> = f.rows().collect();
+        changes.add(&rows, values, f.ts).map_err(|e| e.to_string())
+    };
+    scan(
+        &template.js,
+        &template.cluster,
+        &me.model,
+        &mut slots,
+        progress,
+        &mut add,
+    )
+    .await?;
+    Ok(changes)
+}
+
+/// The last sequence of the deltas stream whose server timestamp is at or before `t_ns` (unix
+/// nanoseconds): one less than the first message stored after it, or the last sequence when
+/// none was.
+pub async fn seq_at_time(
+    js: &jetstream::Context,
+    cluster: &str,
+    t_ns: i128,
+) -> Result<u64, String> {
+    let stream = js
+        .get_stream(deltas_stream(cluster))
+        .await
+        .map_err(|e| e.to_string())?;
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence;
+    let start_time =
+        async_nats::datetime::from_nanos(t_ns.saturating_add(1)).map_err(|e| e.to_string())?;
+    let cfg = consumer::pull::OrderedConfig {
+        deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+        ..Default::default()
+    };
+    let mut messages = stream
+        .create_consumer(cfg)
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+        Ok(Some(Ok(m))) => {
+            let seq = m
+                .info()
+                .map(|i| i.stream_sequence)
+                .map_err(|e| e.to_string())?;
+            Ok(seq.saturating_sub(1).min(last))
+        }
+        Err(_) => Ok(last),
+        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(None) => Err("the time lookup consumer ended".into()),
+    }
 }
 
 impl SlotModel {
@@ -1044,6 +1404,19 @@ impl SlotModel {
             slot,
             cfg: self.cfg.clone(),
             metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Another model of the same shape (a generation of its family), with its transform.
+    fn for_generation(&self, g: &Generation) -> SlotModel {
+        SlotModel {
+            model: g.model.clone(),
+            cfg: SlotModelConfig {
+                scale: g.scale,
+                clip: g.clip,
+                ..self.cfg.clone()
+            },
+            ..self.for_slot(self.slot)
         }
     }
 }
