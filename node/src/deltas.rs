@@ -437,13 +437,13 @@ impl SlotModel {
             if pos > limit {
                 continue;
             }
-            let Ok(mut obj) = self.checkpoints.get(name).await else {
-                continue;
+            let bytes = match self.read_checkpoint(name, &range).await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(model = %self.model, slot = self.slot.get(), %name, error = %e, "cannot read a checkpoint");
+                    continue;
+                }
             };
-            let mut bytes = Vec::new();
-            if obj.read_to_end(&mut bytes).await.is_err() {
-                continue;
-            }
             match decode_checkpoint(&bytes, range.clone(), self.dim as usize) {
                 Ok(v) => {
                     debug!(model = %self.model, slot = self.slot.get(), position = v.1, "restored checkpoint");
@@ -457,6 +457,75 @@ impl SlotModel {
         None
     }
 
+    /// Reads a checkpoint object. The chunks are read with direct gets rather than the object
+    /// store's reader, which creates a consumer per object: restoring a model's 1,024 slots
+    /// that way can exceed the server's consumer limit for the 30 s the consumers linger.
+    /// Falls back to the object store's reader where direct gets are unavailable.
+    async fn read_checkpoint(
+        &self,
+        name: &str,
+        range: &std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, String> {
+        let info = self
+            .checkpoints
+            .info(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        if info.deleted {
+            return Err("deleted".into());
+        }
+        // The data plus a generous header: anything larger is not this slot's checkpoint.
+        let limit = (range.end - range.start) as usize * self.dim as usize * 4 + (1 << 20);
+        if info.size > limit {
+            return Err(format!(
+                "{} bytes, more than the {limit} expected",
+                info.size
+            ));
+        }
+        let direct = async {
+            let stream = self
+                .js
+                .get_stream(format!("OBJ_{}", checkpoints_bucket(&self.cluster)))
+                .await
+                .map_err(|e| e.to_string())?;
+            let subject = format!("$O.{}.C.{}", checkpoints_bucket(&self.cluster), info.nuid);
+            let mut bytes = Vec::with_capacity(info.size);
+            let mut next = None;
+            for _ in 0..info.chunks {
+                let m = stream
+                    .direct_get_next_for_subject(subject.as_str(), next)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                bytes.extend_from_slice(&m.payload);
+                if bytes.len() > info.size {
+                    return Err("chunks larger than the object".to_string());
+                }
+                next = Some(m.sequence + 1);
+            }
+            if bytes.len() == info.size {
+                Ok(bytes)
+            } else {
+                Err(format!("{} of {} bytes", bytes.len(), info.size))
+            }
+        };
+        match direct.await {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                debug!(%name, error = %e, "direct checkpoint read failed; using the object reader");
+                let mut obj = self
+                    .checkpoints
+                    .get(name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut bytes = Vec::new();
+                obj.read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(bytes)
+            }
+        }
+    }
+
     /// An empty table of the slot at position 0.
     fn empty(&self) -> SlotState {
         (
@@ -466,20 +535,45 @@ impl SlotModel {
         )
     }
 
-    async fn checkpoint(&self, table: &Table, position: u64, chains: &HashMap<u32, u64>) {
+    /// Writes a checkpoint; true when it was stored.
+    async fn put_checkpoint(
+        &self,
+        table: &Table,
+        position: u64,
+        chains: &HashMap<u32, u64>,
+    ) -> bool {
         let name = checkpoint_name(&self.model, self.slot, position);
         let bytes = encode_checkpoint(table, position, chains);
         let mut reader = bytes.as_slice();
         if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
             warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
-            return;
+            return false;
         }
         Metrics::inc(&self.metrics.checkpoints_total);
-        // Keep the last K.
-        let names: Vec<String> = self.own(&self.checkpoint_names().await).cloned().collect();
-        let excess = names.len().saturating_sub(self.cfg.keep_checkpoints);
-        for old in names.into_iter().take(excess) {
-            let _ = self.checkpoints.delete(&old).await;
+        true
+    }
+
+    /// Writes a checkpoint and deletes the oldest of `kept` (the slot's checkpoints, oldest
+    /// first) beyond the last K. Tracking them here rather than listing the bucket saves a
+    /// consumer per checkpoint.
+    async fn checkpoint(
+        &self,
+        table: &Table,
+        position: u64,
+        chains: &HashMap<u32, u64>,
+        kept: &mut std::collections::VecDeque<String>,
+    ) {
+        if !self.put_checkpoint(table, position, chains).await {
+            return;
+        }
+        let name = checkpoint_name(&self.model, self.slot, position);
+        if kept.back() != Some(&name) {
+            kept.push_back(name);
+        }
+        while kept.len() > self.cfg.keep_checkpoints {
+            if let Some(old) = kept.pop_front() {
+                let _ = self.checkpoints.delete(&old).await;
+            }
         }
     }
 
@@ -502,13 +596,16 @@ impl SlotModel {
 
     /// Runs on the messages of its slot (from the model's pump) until the sender is dropped:
     /// validate, apply in windows, checkpoint; a final checkpoint on the way out. `state` is
-    /// what [`SlotModel::restore`] returned.
+    /// what [`SlotModel::restore`] returned; `kept` the slot's checkpoints in the bucket,
+    /// oldest first.
     pub async fn run(
         self,
         state: SlotState,
+        kept: Vec<String>,
         mut inbox: tokio::sync::mpsc::Receiver<jetstream::Message>,
     ) {
         let (mut table, mut position, mut chains) = state;
+        let mut kept: std::collections::VecDeque<String> = kept.into();
         let range = table.rows();
         let mut reads = match self
             .client
@@ -592,7 +689,7 @@ impl SlotModel {
                 || (since_ckpt > 0
                     && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
             if due || (!open && since_ckpt > 0) {
-                self.checkpoint(&table, position, &chains).await;
+                self.checkpoint(&table, position, &chains, &mut kept).await;
                 since_ckpt = 0;
                 last_ckpt = Instant::now();
             }
@@ -886,7 +983,14 @@ impl ModelHost {
                 metrics: self.metrics.clone(),
             });
         }
-        let restored = futures::future::join_all(models.iter().map(|m| m.restore())).await;
+        // One listing of the bucket for all the slots (each listing is a consumer).
+        let names = match models.first() {
+            Some(m) => m.checkpoint_names().await,
+            None => Vec::new(),
+        };
+        let restored =
+            futures::future::join_all(models.iter().map(|m| m.restore_from(&names, u64::MAX)))
+                .await;
         let missing: std::collections::BTreeSet<u16> = models
             .iter()
             .zip(&restored)
@@ -912,18 +1016,25 @@ impl ModelHost {
             info!(%model, slots = forked.len(), fork, "branch slots start from the parent's state");
         }
         let mut states = Vec::new();
+        let mut forked_names = Vec::new();
         for (m, r) in models.iter().zip(restored) {
             let state = match (r, forked.remove(&m.slot.get()), me.fork_seq) {
                 (Some(st), _, _) => st,
                 (None, Some(table), Some(fork)) => {
                     let chains = HashMap::new();
-                    m.checkpoint(&table, fork, &chains).await;
+                    // The slot's first checkpoint: nothing to prune.
+                    if m.put_checkpoint(&table, fork, &chains).await {
+                        forked_names.push(checkpoint_name(model, m.slot, fork));
+                    }
                     (table, fork, chains)
                 }
                 _ => m.empty(),
             };
             states.push(state);
         }
+        let mut names = names;
+        names.extend(forked_names);
+        names.sort();
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<jetstream::Message>> =
             HashMap::new();
@@ -931,7 +1042,8 @@ impl ModelHost {
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
-            tasks.push(tokio::spawn(m.run(state, rx)));
+            let kept: Vec<String> = m.own(&names).cloned().collect();
+            tasks.push(tokio::spawn(m.run(state, kept, rx)));
         }
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
@@ -1065,6 +1177,10 @@ pub struct ScanProgress<'a> {
     pub to_end: bool,
 }
 
+/// What a pass over the stream does with each valid frame: slot, stream sequence, the frame,
+/// its values after the model's transform.
+type Visit<'v> = dyn FnMut(u16, u64, &Frame<'_>, &[f32]) -> Result<(), String> + Send + 'v;
+
 /// A slot during a pass over the stream.
 struct ScanSlot {
     model: SlotModel,
@@ -1085,7 +1201,7 @@ async fn scan(
     model: &str,
     slots: &mut BTreeMap<u16, ScanSlot>,
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
-    visit: &mut (dyn FnMut(u16, u64, &Frame<'_>, &[f32]) -> Result<(), String> + Send),
+    visit: &mut Visit<'_>,
 ) -> Result<(), String> {
     let stream = js
         .get_stream(deltas_stream(cluster))
