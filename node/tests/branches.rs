@@ -385,6 +385,33 @@ async fn replay_to_a_time_stops_before_the_first_later_delta() {
         f32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
         11.0
     );
+    // A branch can fork at a time too: the same sequence.
+    let out = tessel(
+        &c,
+        &[
+            "model",
+            "branch",
+            "r",
+            "--at-time",
+            &t_ms.to_string(),
+            "--name",
+            "rb",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let actors = ActorClient::new(c.client.clone(), "tessel");
+    let (d, _) = actors
+        .ask(
+            &ActorKey::new("model", "rb").unwrap(),
+            &json!({"cmd": "describe"}),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (d["parent"].clone(), d["fork_seq"].clone()),
+        (json!("r"), json!(first))
+    );
     // --to-seq and --to-time together are refused as a usage error.
     let both = tessel(
         &c,

@@ -253,8 +253,12 @@ enum ModelCommand {
         model: String,
         /// The fork point: a `<c>-deltas` stream sequence (the branch starts from the model's
         /// state with every delta up to it applied).
-        #[arg(long)]
-        at_seq: u64,
+        #[arg(long, required_unless_present = "at_time", conflicts_with = "at_time")]
+        at_seq: Option<u64>,
+        /// The fork point as a time (RFC 3339 or unix ms): the last stream sequence the
+        /// server stored at or before it.
+        #[arg(long, value_parser = crate::progress::parse_time_ns)]
+        at_time: Option<i128>,
         /// The branch's name.
         #[arg(long)]
         name: String,
@@ -366,7 +370,17 @@ pub fn model(args: ModelArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             ModelCommand::Get { name, rows, json } => crate::cmd::produce::get(&args.target, &name, &rows, json).await,
-            ModelCommand::Branch { model, at_seq, name } => crate::cmd::branch::run_branch(&args.target, &model, at_seq, &name).await,
+            ModelCommand::Branch { model, at_seq, at_time, name } => {
+                let at = match (at_seq, at_time) {
+                    (Some(s), _) => crate::cmd::branch::ForkPoint::Seq(s),
+                    (None, Some(t)) => crate::cmd::branch::ForkPoint::TimeNs(t),
+                    (None, None) => {
+                        eprintln!("tessel model branch: --at-seq or --at-time is required");
+                        return ExitCode::from(2);
+                    }
+                };
+                crate::cmd::branch::run_branch(&args.target, &model, at, &name).await
+            }
             ModelCommand::Merge { branch, into, policy, max_abs, json, quiet } => {
                 let a = crate::cmd::branch::MergeArgs { policy, max_abs, json, quiet };
                 crate::cmd::branch::run_merge(&args.target, &branch, &into, a).await

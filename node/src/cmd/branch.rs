@@ -317,11 +317,33 @@ pub fn summary(r: &MergeReport) -> String {
     out
 }
 
+/// Where a branch forks.
+#[derive(Clone, Copy, Debug)]
+pub enum ForkPoint {
+    /// A stream sequence.
+    Seq(u64),
+    /// Unix nanoseconds: the last sequence stored at or before.
+    TimeNs(i128),
+}
+
 /// Runs `tessel model branch`.
-pub async fn run_branch(target: &Target, parent: &str, at_seq: u64, name: &str) -> ExitCode {
+pub async fn run_branch(target: &Target, parent: &str, at: ForkPoint, name: &str) -> ExitCode {
     let client = match target.connect().await {
         Ok(c) => c,
         Err(c) => return c,
+    };
+    let at_seq = match at {
+        ForkPoint::Seq(s) => s,
+        ForkPoint::TimeNs(t) => {
+            let js = async_nats::jetstream::new(client.clone());
+            match crate::deltas::seq_at_time(&js, &target.cluster, t).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tessel model branch: --at-time: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
     };
     match branch(&client, &target.cluster, parent, at_seq, name).await {
         Ok(_) => {
