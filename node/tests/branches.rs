@@ -324,6 +324,20 @@ async fn a_newer_merge_keeps_the_newer_side_of_each_conflict() {
     // branch's change.
     wait_equal(&c, "n", &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
     wait_equal(&c, "nb", &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
+    // The owner of row 2's slot dies: the branch's slot moves and its new owner rebuilds it
+    // from the branch's checkpoint and stream, not from the parent's later state.
+    let mut c = c;
+    let status = c.status().await.unwrap();
+    let slot = actors::delta::slot_of_row(ROWS, 2).unwrap().get() as usize;
+    let owner = status.owners[slot].clone().unwrap();
+    c.kill9(&owner).await;
+    let rest: Vec<&str> = ["n1", "n2", "n3"]
+        .into_iter()
+        .filter(|n| *n != owner)
+        .collect();
+    c.wait_settled_on(&rest, SETTLE).await;
+    wait_equal(&c, "nb", &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
+    wait_equal(&c, "n", &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
