@@ -133,6 +133,7 @@ pub struct Producer {
     max_in_flight: usize,
     clock: Hlc,
     parents: HashMap<u16, u64>,
+    msg_id: Option<String>,
 }
 
 impl Producer {
@@ -155,7 +156,17 @@ impl Producer {
             max_in_flight: max_in_flight.max(1),
             clock: Hlc::new(node),
             parents: HashMap::new(),
+            msg_id: None,
         }
+    }
+
+    /// Stamps every frame with `Nats-Msg-Id: <id>.<slot>`, so that the server drops a resend
+    /// of the same frames within the stream's duplicate window (2 minutes) — for one-off sends
+    /// such as a merge, where a retry after a crash must not apply twice. Use it for one
+    /// `send` per producer: a second send would reuse the ids and be dropped.
+    pub fn with_msg_id(mut self, id: &str) -> Self {
+        self.msg_id = Some(id.to_string());
+        self
     }
 
     /// Sends a batch (`values` row-major, `rows.len() × dim`); returns when every frame is
@@ -190,11 +201,17 @@ impl Producer {
             let bytes = frame::encode(&self.model, slot, &batch)
                 .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
             let subject = format!("{}.delta.{}.{slot}", self.cluster, self.model);
-            let ack = self
-                .js
-                .publish(subject, Bytes::from(bytes))
-                .await
-                .map_err(|e| ProduceError::Publish(e.to_string()))?;
+            let ack = match &self.msg_id {
+                Some(id) => {
+                    let mut h = async_nats::HeaderMap::new();
+                    h.insert("Nats-Msg-Id", format!("{id}.{slot}").as_str());
+                    self.js
+                        .publish_with_headers(subject, h, Bytes::from(bytes))
+                        .await
+                }
+                None => self.js.publish(subject, Bytes::from(bytes)).await,
+            }
+            .map_err(|e| ProduceError::Publish(e.to_string()))?;
             acks.push(async move { ack.await.map(|_| n) });
             while acks.len() >= self.max_in_flight {
                 if let Some(r) = acks.next().await {
