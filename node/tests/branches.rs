@@ -107,6 +107,23 @@ async fn wait_equal(c: &TestCluster, model: &str, expect: &HashMap<u32, f32>) {
     panic!("{last}\n{logs}");
 }
 
+/// The stderr of a `--quiet` replay.
+fn out_quiet_stderr(c: &TestCluster, t_ms: i128) -> Vec<u8> {
+    let out = tessel(
+        c,
+        &[
+            "replay",
+            "--model",
+            "r",
+            "--to-time",
+            &t_ms.to_string(),
+            "--quiet",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    out.stderr
+}
+
 async fn last_seq(c: &TestCluster) -> u64 {
     let js = async_nats::jetstream::new(c.client.clone());
     let mut s = js.get_stream("tessel-deltas").await.unwrap();
@@ -374,6 +391,7 @@ async fn replay_to_a_time_stops_before_the_first_later_delta() {
         ],
     ));
     assert_eq!(v["to_seq"], first, "{v}");
+    assert!(!String::from_utf8_lossy(&out_quiet_stderr(&c, t_ms)).contains("rows/s"));
     let bytes = std::fs::read(&file).unwrap();
     assert_eq!(bytes.len(), ROWS as usize * DIM as usize * 4);
     let row1: Vec<f32> = bytes[8..16]
@@ -381,8 +399,9 @@ async fn replay_to_a_time_stops_before_the_first_later_delta() {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     assert_eq!(row1, vec![1.0, 1.0]);
-    // Without a limit both deltas are in.
-    let v = stdout_json(&tessel(
+    // Without a limit both deltas are in; without --quiet a progress line goes to stderr
+    // (not a terminal here: plain lines).
+    let out = tessel(
         &c,
         &[
             "replay",
@@ -392,8 +411,16 @@ async fn replay_to_a_time_stops_before_the_first_later_delta() {
             file.to_str().unwrap(),
             "--json",
         ],
-    ));
+    );
+    let v = stdout_json(&out);
     assert_eq!(v["to_seq"], Value::Null);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress
+            .lines()
+            .any(|l| l.starts_with("r [") && l.contains("rows/s")),
+        "{progress}"
+    );
     let bytes = std::fs::read(&file).unwrap();
     assert_eq!(
         f32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
