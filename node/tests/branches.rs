@@ -222,6 +222,35 @@ async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
     ));
     assert_eq!(v["differing_slots"], json!([]));
 
+    // A branch of the branch starts from the branch's state (two generations up to m).
+    let fork2 = last_seq(&c).await;
+    let out = tessel(
+        &c,
+        &[
+            "model",
+            "branch",
+            "b",
+            "--at-seq",
+            &fork2.to_string(),
+            "--name",
+            "b2",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    wait_serving(&c, "b2").await;
+    send(&mut producer(&c, "b2", 3), &[(7, 1.0)]).await;
+    wait_equal(
+        &c,
+        "b2",
+        &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0), (7, 1.0)].into(),
+    )
+    .await;
+    let v = stdout_json(&tessel(
+        &c,
+        &["replay", "--model", "b2", "--verify", "--json", "--quiet"],
+    ));
+    assert_eq!(v["differing_slots"], json!([]));
+
     // Merge (sum): main = main + the branch's change; row 2 is the one conflict.
     let v = stdout_json(&tessel(
         &c,
