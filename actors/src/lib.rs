@@ -7,7 +7,7 @@
 //! **Boundary:** no NATS subjects or wire formats here; the `node` crate owns those.
 //!
 //! Pure modules: the actor address rule, event sourcing (`es`, `behavior`), the model registry
-//! (`model`), and the delta domain (`delta`, `frame`). The runtime that hosts actors on NATS is
+//! (`model`), and the delta domain (`delta`, `frame`, `merge`). The runtime that hosts actors on NATS is
 //! in the `node` crate.
 
 pub mod address;
@@ -15,4 +15,5 @@ pub mod behavior;
 pub mod delta;
 pub mod es;
 pub mod frame;
+pub mod merge;
 pub mod model;

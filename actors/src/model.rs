@@ -83,6 +83,32 @@ pub struct ModelState {
     /// Then clipped to ±this (no clipping when absent).
     #[serde(default)]
     pub clip: Option<f32>,
+    /// A branch's parent model (absent for a model created from nothing).
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// A branch's fork point: the `<c>-deltas` stream sequence of the parent's state it
+    /// starts from.
+    #[serde(default)]
+    pub fork_seq: Option<u64>,
+    /// The merge of this branch into its parent, once it happened (a branch merges once: a
+    /// second merge would apply its change again).
+    #[serde(default)]
+    pub merged: Option<MergeRecord>,
+}
+
+/// One merge of a branch into its parent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    /// The model merged into.
+    pub into: String,
+    /// The policy (`sum` or `newer`).
+    pub policy: String,
+    /// The last stream sequence the merge read (both sides were read up to it).
+    pub through_seq: u64,
+    /// Rows whose change was published to the parent.
+    pub rows: u64,
+    /// Rows changed on both sides.
+    pub conflicts: u64,
 }
 
 impl ModelState {
@@ -134,6 +160,32 @@ pub enum ModelCommand {
         /// Clip every (scaled) delta value to ±this.
         #[serde(default)]
         clip: Option<f32>,
+    },
+    /// Register a branch of `parent` at stream sequence `fork_seq` (the caller copies the
+    /// parent's shape and transform; the parent is another actor, so it is checked there).
+    Branch {
+        /// The parent model.
+        parent: String,
+        /// The fork point.
+        fork_seq: u64,
+        /// Rows (the parent's).
+        rows: u64,
+        /// Columns (the parent's).
+        dim: u32,
+        /// Element type (the parent's).
+        #[serde(default = "default_dtype")]
+        dtype: String,
+        /// Delta scale.
+        #[serde(default)]
+        scale: Option<f32>,
+        /// Delta clip.
+        #[serde(default)]
+        clip: Option<f32>,
+    },
+    /// Record a merge of this branch into its parent.
+    RecordMerge {
+        /// The merge.
+        merge: MergeRecord,
     },
     /// Read the state.
     Describe,
@@ -194,6 +246,17 @@ pub enum ModelEvent {
         /// Delta clip.
         #[serde(default)]
         clip: Option<f32>,
+        /// The parent of a branch (absent in records written before branches existed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        parent: Option<String>,
+        /// The fork point of a branch.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fork_seq: Option<u64>,
+    },
+    /// The branch was merged into its parent.
+    Merged {
+        /// The merge.
+        merge: MergeRecord,
     },
     /// Placement planned.
     PlacingStarted {
@@ -235,6 +298,45 @@ fn reject(code: &str, msg: impl Into<String>) -> Result<Vec<ModelEvent>, Rejecti
     Err(Rejection::new(code, msg))
 }
 
+/// The checks shared by `create` and `branch`.
+fn check_create(
+    s: &ModelState,
+    rows: u64,
+    dim: u32,
+    dtype: &str,
+    scale: Option<f32>,
+    clip: Option<f32>,
+) -> Result<(), Rejection> {
+    if scale.is_some_and(|x| !x.is_finite()) || clip.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+        return Err(Rejection::new(
+            "invalid",
+            "scale must be finite and clip positive",
+        ));
+    }
+    if s.state != ModelStatus::Absent {
+        return Err(Rejection::new("exists", "the model already exists"));
+    }
+    if !(1..=MAX_ROWS).contains(&rows) {
+        return Err(Rejection::new(
+            "invalid",
+            format!("rows must be 1..={MAX_ROWS}"),
+        ));
+    }
+    if !(1..=MAX_DIM).contains(&dim) {
+        return Err(Rejection::new(
+            "invalid",
+            format!("dim must be 1..={MAX_DIM}"),
+        ));
+    }
+    if ModelState::dtype_bytes(dtype).is_none() {
+        return Err(Rejection::new(
+            "invalid",
+            format!("dtype {dtype:?}: f32, f16 or bf16"),
+        ));
+    }
+    Ok(())
+}
+
 impl Aggregate for Model {
     const KIND: &'static str = "model";
     type State = ModelState;
@@ -258,23 +360,7 @@ impl Aggregate for Model {
                 scale,
                 clip,
             } => {
-                if scale.is_some_and(|x| !x.is_finite())
-                    || clip.is_some_and(|c| !(c.is_finite() && c > 0.0))
-                {
-                    return reject("invalid", "scale must be finite and clip positive");
-                }
-                if s.state != St::Absent {
-                    return reject("exists", "the model already exists");
-                }
-                if !(1..=MAX_ROWS).contains(&rows) {
-                    return reject("invalid", format!("rows must be 1..={MAX_ROWS}"));
-                }
-                if !(1..=MAX_DIM).contains(&dim) {
-                    return reject("invalid", format!("dim must be 1..={MAX_DIM}"));
-                }
-                if ModelState::dtype_bytes(&dtype).is_none() {
-                    return reject("invalid", format!("dtype {dtype:?}: f32, f16 or bf16"));
-                }
+                check_create(s, rows, dim, &dtype, scale, clip)?;
                 Ok(vec![ModelEvent::Created {
                     rows,
                     dim,
@@ -282,8 +368,50 @@ impl Aggregate for Model {
                     inject_failure,
                     scale,
                     clip,
+                    parent: None,
+                    fork_seq: None,
                 }])
             }
+            ModelCommand::Branch {
+                parent,
+                fork_seq,
+                rows,
+                dim,
+                dtype,
+                scale,
+                clip,
+            } => {
+                check_create(s, rows, dim, &dtype, scale, clip)?;
+                if parent.is_empty() {
+                    return reject("invalid", "a branch needs a parent");
+                }
+                Ok(vec![ModelEvent::Created {
+                    rows,
+                    dim,
+                    dtype,
+                    inject_failure: None,
+                    scale,
+                    clip,
+                    parent: Some(parent),
+                    fork_seq: Some(fork_seq),
+                }])
+            }
+            ModelCommand::RecordMerge { merge } => match (&s.state, &s.parent) {
+                (St::Absent, _) => reject("not_found", "no such model"),
+                (_, Some(p)) if *p == merge.into => match &s.merged {
+                    // A retried record of the same merge: nothing new.
+                    Some(m) if *m == merge => Ok(vec![]),
+                    Some(m) => reject(
+                        "already_merged",
+                        format!("merged into {} through sequence {}", m.into, m.through_seq),
+                    ),
+                    None => Ok(vec![ModelEvent::Merged { merge }]),
+                },
+                _ => reject(
+                    "not_a_branch",
+                    format!("the model is not a branch of {}", merge.into),
+                ),
+            },
             ModelCommand::BeginPlacing { plan } => match s.state {
                 St::Created => Ok(vec![ModelEvent::PlacingStarted { plan }]),
                 _ => reject("wrong_state", format!("cannot place from {:?}", s.state)),
@@ -336,8 +464,12 @@ impl Aggregate for Model {
                 inject_failure,
                 scale,
                 clip,
+                parent,
+                fork_seq,
             } => {
                 s.state = ModelStatus::Created;
+                s.parent = parent.clone();
+                s.fork_seq = *fork_seq;
                 s.scale = *scale;
                 s.clip = *clip;
                 s.rows = *rows;
@@ -345,6 +477,7 @@ impl Aggregate for Model {
                 s.dtype = dtype.clone();
                 s.inject_failure = *inject_failure;
             }
+            ModelEvent::Merged { merge } => s.merged = Some(merge.clone()),
             ModelEvent::PlacingStarted { plan } => {
                 s.state = ModelStatus::Placing;
                 s.plan = plan.clone();
@@ -447,6 +580,99 @@ mod tests {
                 .code,
             "retired"
         );
+    }
+
+    #[test]
+    fn a_branch_records_its_parent_and_merges_once() {
+        let s = run(
+            ModelState::default(),
+            ModelCommand::Branch {
+                parent: "m".into(),
+                fork_seq: 42,
+                rows: 10,
+                dim: 4,
+                dtype: "f32".into(),
+                scale: None,
+                clip: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.state, ModelStatus::Created);
+        assert_eq!((s.parent.as_deref(), s.fork_seq), (Some("m"), Some(42)));
+        let merge = MergeRecord {
+            into: "m".into(),
+            policy: "sum".into(),
+            through_seq: 50,
+            rows: 3,
+            conflicts: 1,
+        };
+        assert_eq!(
+            Model::decide(
+                &s,
+                ModelCommand::RecordMerge {
+                    merge: MergeRecord {
+                        into: "other".into(),
+                        ..merge.clone()
+                    }
+                }
+            )
+            .unwrap_err()
+            .code,
+            "not_a_branch"
+        );
+        let s = run(
+            s,
+            ModelCommand::RecordMerge {
+                merge: merge.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(s.merged.as_ref(), Some(&merge));
+        // The same record again is a no-op; another merge is refused.
+        assert!(
+            Model::decide(
+                &s,
+                ModelCommand::RecordMerge {
+                    merge: merge.clone()
+                }
+            )
+            .unwrap()
+            .is_empty()
+        );
+        let again = MergeRecord {
+            through_seq: 60,
+            ..merge
+        };
+        assert_eq!(
+            Model::decide(&s, ModelCommand::RecordMerge { merge: again })
+                .unwrap_err()
+                .code,
+            "already_merged"
+        );
+    }
+
+    #[test]
+    fn records_written_before_branches_still_decode() {
+        let old = r#"{"type":"Created","rows":10,"dim":4,"dtype":"f32","inject_failure":null}"#;
+        let e: ModelEvent = serde_json::from_str(old).unwrap();
+        let s = Model::apply(ModelState::default(), &e);
+        assert_eq!((s.parent, s.fork_seq, s.merged), (None, None, None));
+        let state = r#"{"state":"Serving","rows":10,"dim":4,"dtype":"f32","plan":{},"reserved":{},
+            "reason":null,"inject_failure":null,"consumers":true}"#;
+        let s: ModelState = serde_json::from_str(state).unwrap();
+        assert_eq!(s.parent, None);
+        // A plain model's Created event is written exactly as before.
+        let e = ModelEvent::Created {
+            rows: 1,
+            dim: 1,
+            dtype: "f32".into(),
+            inject_failure: None,
+            scale: None,
+            clip: None,
+            parent: None,
+            fork_seq: None,
+        };
+        assert!(!serde_json::to_string(&e).unwrap().contains("parent"));
     }
 
     #[test]

@@ -857,7 +857,13 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         metrics: std::sync::Arc::new(crate::metrics::Metrics::default()),
     };
     let t0 = Instant::now();
-    let tables = crate::deltas::replay_model(&template, &|_| u64::MAX, &mut |_, _| {})
+    let line = [crate::deltas::Generation {
+        model: MODEL.into(),
+        scale: 1.0,
+        clip: None,
+        fork_seq: None,
+    }];
+    let tables = crate::deltas::replay_model(&template, &line, None, &|_| u64::MAX, &mut |_| {})
         .await
         .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
     let tessel_rate = raw_rows as f64 / t0.elapsed().as_secs_f64();

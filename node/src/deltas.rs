@@ -156,6 +156,7 @@ pub struct Producer {
     max_in_flight: usize,
     clock: Hlc,
     parents: HashMap<u16, u64>,
+    msg_id: Option<String>,
 }
 
 impl Producer {
@@ -178,7 +179,17 @@ impl Producer {
             max_in_flight: max_in_flight.max(1),
             clock: Hlc::new(node),
             parents: HashMap::new(),
+            msg_id: None,
         }
+    }
+
+    /// Stamps every frame with `Nats-Msg-Id: <id>.<slot>`, so that the server drops a resend
+    /// of the same frames within the stream's duplicate window (2 minutes) — for one-off sends
+    /// such as a merge, where a retry after a crash must not apply twice. Use it for one
+    /// `send` per producer: a second send would reuse the ids and be dropped.
+    pub fn with_msg_id(mut self, id: &str) -> Self {
+        self.msg_id = Some(id.to_string());
+        self
     }
 
     /// Sends a batch (`values` row-major, `rows.len() × dim`); returns when every frame is
@@ -224,15 +235,19 @@ impl Producer {
             let bytes = frame::encode(&self.model, slot, &batch)
                 .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
             let subject = format!("{}.delta.{}.{slot}", self.cluster, self.model);
-            let published = match trace {
-                Some(t) => {
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert(TRACE_HEADER, t);
-                    self.js
-                        .publish_with_headers(subject, h, Bytes::from(bytes))
-                        .await
-                }
-                None => self.js.publish(subject, Bytes::from(bytes)).await,
+            let mut headers = async_nats::HeaderMap::new();
+            if let Some(t) = trace {
+                headers.insert(TRACE_HEADER, t);
+            }
+            if let Some(id) = &self.msg_id {
+                headers.insert("Nats-Msg-Id", format!("{id}.{slot}").as_str());
+            }
+            let published = if headers.is_empty() {
+                self.js.publish(subject, Bytes::from(bytes)).await
+            } else {
+                self.js
+                    .publish_with_headers(subject, headers, Bytes::from(bytes))
+                    .await
             };
             let ack = published.map_err(|e| ProduceError::Publish(e.to_string()))?;
             acks.push(async move { ack.await.map(|_| n) });
@@ -362,6 +377,67 @@ pub fn decode_checkpoint(
     Ok((table, h["position"].as_u64().unwrap_or(0), chains))
 }
 
+/// A slot's table, the stream sequence it has applied through, and the last checksum of each
+/// producer's chain.
+pub type SlotState = (Table, u64, HashMap<u32, u64>);
+
+/// One model of a family of branches: its name, its transform, and where it forked from the
+/// previous generation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Generation {
+    /// The model.
+    pub model: String,
+    /// Its delta scale.
+    pub scale: f32,
+    /// Its delta clip.
+    pub clip: Option<f32>,
+    /// The parent's stream sequence it forked at (None for a model created from nothing).
+    pub fork_seq: Option<u64>,
+}
+
+impl Generation {
+    /// From a model actor's description.
+    pub fn from_description(model: &str, v: &Value) -> Generation {
+        Generation {
+            model: model.to_string(),
+            scale: v["scale"].as_f64().map_or(1.0, |x| x as f32),
+            clip: v["clip"].as_f64().map(|x| x as f32),
+            fork_seq: v["parent"].as_str().and_then(|_| v["fork_seq"].as_u64()),
+        }
+    }
+}
+
+/// Most generations followed from a branch up to its root.
+pub const MAX_LINEAGE: usize = 16;
+
+/// A model's family line, root first and the model last, from the model actors' descriptions.
+pub async fn lineage(
+    actors: &crate::client::ActorClient,
+    model: &str,
+) -> Result<Vec<Generation>, String> {
+    let mut line = Vec::new();
+    let mut next = Some(model.to_string());
+    while let Some(name) = next.take() {
+        if line.len() >= MAX_LINEAGE {
+            return Err(format!(
+                "{model} descends through more than {MAX_LINEAGE} branches"
+            ));
+        }
+        let key = actors::es::ActorKey::new("model", &name).map_err(|e| e.to_string())?;
+        let (v, _) = actors
+            .ask(&key, &json!({"cmd": "describe"}), Duration::from_secs(5))
+            .await
+            .map_err(|e| format!("describe {name}: {e}"))?;
+        if v["state"] == "Absent" {
+            return Err(format!("no model {name:?}"));
+        }
+        line.push(Generation::from_description(&name, &v));
+        next = v["parent"].as_str().map(str::to_string);
+    }
+    line.reverse();
+    Ok(line)
+}
+
 /// One model's slot on its owner: the table, the position, the consumer.
 pub struct SlotModel {
     /// Shared.
@@ -408,14 +484,14 @@ impl SlotModel {
         names.iter().filter(move |n| n.starts_with(&prefix))
     }
 
-    /// The newest readable checkpoint of the slot (or an empty table at position 0).
-    pub async fn restore(&self) -> (Table, u64, HashMap<u32, u64>) {
+    /// The newest readable checkpoint of the slot, if it has one.
+    pub async fn restore(&self) -> Option<SlotState> {
         let names = self.checkpoint_names().await;
         self.restore_from(&names, u64::MAX).await
     }
 
     /// The newest readable checkpoint among `names` at a position of at most `limit`.
-    async fn restore_from(&self, names: &[String], limit: u64) -> (Table, u64, HashMap<u32, u64>) {
+    async fn restore_from(&self, names: &[String], limit: u64) -> Option<SlotState> {
         let range = slot_rows(self.rows, self.slot);
         for name in self.own(names).rev() {
             let pos: u64 = name
@@ -426,40 +502,143 @@ impl SlotModel {
             if pos > limit {
                 continue;
             }
-            let Ok(mut obj) = self.checkpoints.get(name).await else {
-                continue;
+            let bytes = match self.read_checkpoint(name, &range).await {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(model = %self.model, slot = self.slot.get(), %name, error = %e, "cannot read a checkpoint");
+                    continue;
+                }
             };
-            let mut bytes = Vec::new();
-            if obj.read_to_end(&mut bytes).await.is_err() {
-                continue;
-            }
             match decode_checkpoint(&bytes, range.clone(), self.dim as usize) {
                 Ok(v) => {
-                    info!(model = %self.model, slot = self.slot.get(), position = v.1, "restored checkpoint");
-                    return v;
+                    debug!(model = %self.model, slot = self.slot.get(), position = v.1, "restored checkpoint");
+                    return Some(v);
                 }
                 Err(e) => {
                     warn!(model = %self.model, slot = self.slot.get(), %name, error = %e, "skipping a bad checkpoint")
                 }
             }
         }
-        (Table::zeros(range, self.dim as usize), 0, HashMap::new())
+        None
     }
 
-    async fn checkpoint(&self, table: &Table, position: u64, chains: &HashMap<u32, u64>) {
+    /// Reads a checkpoint object. The chunks are read with direct gets rather than the object
+    /// store's reader, which creates a consumer per object: restoring a model's 1,024 slots
+    /// that way can exceed the server's consumer limit for the 30 s the consumers linger.
+    /// Falls back to the object store's reader where direct gets are unavailable.
+    async fn read_checkpoint(
+        &self,
+        name: &str,
+        range: &std::ops::Range<u64>,
+    ) -> Result<Vec<u8>, String> {
+        let info = self
+            .checkpoints
+            .info(name)
+            .await
+            .map_err(|e| e.to_string())?;
+        if info.deleted {
+            return Err("deleted".into());
+        }
+        // The data plus a generous header: anything larger is not this slot's checkpoint.
+        let limit = (range.end - range.start) as usize * self.dim as usize * 4 + (1 << 20);
+        if info.size > limit {
+            return Err(format!(
+                "{} bytes, more than the {limit} expected",
+                info.size
+            ));
+        }
+        let direct = async {
+            let stream = self
+                .js
+                .get_stream(format!("OBJ_{}", checkpoints_bucket(&self.cluster)))
+                .await
+                .map_err(|e| e.to_string())?;
+            let subject = format!("$O.{}.C.{}", checkpoints_bucket(&self.cluster), info.nuid);
+            let mut bytes = Vec::with_capacity(info.size);
+            let mut next = None;
+            for _ in 0..info.chunks {
+                let m = stream
+                    .direct_get_next_for_subject(subject.as_str(), next)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                bytes.extend_from_slice(&m.payload);
+                if bytes.len() > info.size {
+                    return Err("chunks larger than the object".to_string());
+                }
+                next = Some(m.sequence + 1);
+            }
+            if bytes.len() == info.size {
+                Ok(bytes)
+            } else {
+                Err(format!("{} of {} bytes", bytes.len(), info.size))
+            }
+        };
+        match direct.await {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                debug!(%name, error = %e, "direct checkpoint read failed; using the object reader");
+                let mut obj = self
+                    .checkpoints
+                    .get(name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut bytes = Vec::new();
+                obj.read_to_end(&mut bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(bytes)
+            }
+        }
+    }
+
+    /// An empty table of the slot at position 0.
+    fn empty(&self) -> SlotState {
+        (
+            Table::zeros(slot_rows(self.rows, self.slot), self.dim as usize),
+            0,
+            HashMap::new(),
+        )
+    }
+
+    /// Writes a checkpoint; true when it was stored.
+    async fn put_checkpoint(
+        &self,
+        table: &Table,
+        position: u64,
+        chains: &HashMap<u32, u64>,
+    ) -> bool {
         let name = checkpoint_name(&self.model, self.slot, position);
         let bytes = encode_checkpoint(table, position, chains);
         let mut reader = bytes.as_slice();
         if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
             warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
-            return;
+            return false;
         }
         Metrics::inc(&self.metrics.checkpoints_total);
-        // Keep the last K.
-        let names: Vec<String> = self.own(&self.checkpoint_names().await).cloned().collect();
-        let excess = names.len().saturating_sub(self.cfg.keep_checkpoints);
-        for old in names.into_iter().take(excess) {
-            let _ = self.checkpoints.delete(&old).await;
+        true
+    }
+
+    /// Writes a checkpoint and deletes the oldest of `kept` (the slot's checkpoints, oldest
+    /// first) beyond the last K. Tracking them here rather than listing the bucket saves a
+    /// consumer per checkpoint.
+    async fn checkpoint(
+        &self,
+        table: &Table,
+        position: u64,
+        chains: &HashMap<u32, u64>,
+        kept: &mut std::collections::VecDeque<String>,
+    ) {
+        if !self.put_checkpoint(table, position, chains).await {
+            return;
+        }
+        let name = checkpoint_name(&self.model, self.slot, position);
+        if kept.back() != Some(&name) {
+            kept.push_back(name);
+        }
+        while kept.len() > self.cfg.keep_checkpoints {
+            if let Some(old) = kept.pop_front() {
+                let _ = self.checkpoints.delete(&old).await;
+            }
         }
     }
 
@@ -482,13 +661,16 @@ impl SlotModel {
 
     /// Runs on the messages of its slot (from the model's pump) until the sender is dropped:
     /// validate, apply in windows, checkpoint; a final checkpoint on the way out. `state` is
-    /// what [`SlotModel::restore`] returned.
+    /// what [`SlotModel::restore`] returned; `kept` the slot's checkpoints in the bucket,
+    /// oldest first.
     pub async fn run(
         self,
-        state: (Table, u64, HashMap<u32, u64>),
+        state: SlotState,
+        kept: Vec<String>,
         mut inbox: tokio::sync::mpsc::Receiver<Queued>,
     ) {
         let (mut table, mut position, mut chains) = state;
+        let mut kept: std::collections::VecDeque<String> = kept.into();
         let range = table.rows();
         let mut reads = match self
             .client
@@ -564,7 +746,7 @@ impl SlotModel {
                     &mut batch_rows,
                     &mut batch_values,
                 ) {
-                    Ok(()) => traces.extend(trace_of(&msg)),
+                    Ok(_) => traces.extend(trace_of(&msg)),
                     Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
                 }
                 if frames >= self.cfg.window_frames || bytes >= self.cfg.window_bytes {
@@ -595,7 +777,7 @@ impl SlotModel {
                 || (since_ckpt > 0
                     && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
             if due || (!open && since_ckpt > 0) {
-                self.checkpoint(&table, position, &chains).await;
+                self.checkpoint(&table, position, &chains, &mut kept).await;
                 since_ckpt = 0;
                 last_ckpt = Instant::now();
             }
@@ -616,14 +798,14 @@ impl SlotModel {
     /// the model, the slot's rows, the producer's checksum chain and the value bounds, and
     /// appends its rows and transformed values to `rows` and `values`. A refused frame
     /// appends nothing.
-    pub fn validate_into(
+    pub fn validate_into<'a>(
         &self,
-        payload: &[u8],
+        payload: &'a [u8],
         range: &std::ops::Range<u64>,
         chains: &mut HashMap<u32, u64>,
         rows: &mut Vec<u32>,
         values: &mut Vec<f32>,
-    ) -> Result<(), String> {
+    ) -> Result<Frame<'a>, String> {
         let f = Frame::decode(payload).map_err(|e| format!("frame: {e}"))?;
         if f.model != self.model || f.slot != self.slot.get() {
             return Err(format!(
@@ -675,7 +857,7 @@ impl SlotModel {
             });
         }
         rows.extend(f.rows());
-        Ok(())
+        Ok(f)
     }
 
     async fn answer(&self, table: &Table, position: u64, req: async_nats::Message) {
@@ -802,7 +984,7 @@ impl ModelHost {
             return;
         };
         let mut want: HashMap<String, (u64, u32, std::collections::BTreeSet<u16>)> = HashMap::new();
-        let mut transforms: HashMap<String, (f32, Option<f32>)> = HashMap::new();
+        let mut generations: HashMap<String, Generation> = HashMap::new();
         for name in names {
             let Ok(key) = actors::es::ActorKey::new("model", &name) else {
                 continue;
@@ -828,9 +1010,7 @@ impl ModelHost {
                 .map(|s| s.get())
                 .collect();
             if !slots.is_empty() {
-                let scale = v["scale"].as_f64().map_or(1.0, |x| x as f32);
-                let clip = v["clip"].as_f64().map(|x| x as f32);
-                transforms.insert(name.clone(), (scale, clip));
+                generations.insert(name.clone(), Generation::from_description(&name, &v));
                 want.insert(name, (rows, dim, slots));
             }
         }
@@ -853,11 +1033,23 @@ impl ModelHost {
             if running.contains_key(&model) {
                 continue;
             }
-            let (scale, clip) = transforms.get(&model).copied().unwrap_or((1.0, None));
-            match self
-                .start_group(&model, rows, dim, &slots, scale, clip)
-                .await
-            {
+            let Some(me) = generations.remove(&model) else {
+                continue;
+            };
+            // A branch needs its family line: its slots without a checkpoint of their own
+            // start from the parent's tables at the fork point.
+            let line = if me.fork_seq.is_some() {
+                match lineage(&self.actors, &model).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        warn!(%model, error = %e, "cannot read the branch's parents");
+                        continue;
+                    }
+                }
+            } else {
+                vec![me]
+            };
+            match self.start_group(&line, rows, dim, &slots).await {
                 Ok(g) => {
                     running.insert(model, g);
                 }
@@ -868,13 +1060,15 @@ impl ModelHost {
 
     async fn start_group(
         &self,
-        model: &str,
+        line: &[Generation],
         rows: u64,
         dim: u32,
         slots: &std::collections::BTreeSet<u16>,
-        scale: f32,
-        clip: Option<f32>,
     ) -> anyhow::Result<Group> {
+        let Some(me) = line.last() else {
+            anyhow::bail!("no model");
+        };
+        let model = me.model.as_str();
         let mut models = Vec::new();
         for &slot in slots {
             models.push(SlotModel {
@@ -887,21 +1081,73 @@ impl ModelHost {
                 dim,
                 slot: Slot::new(u64::from(slot))?,
                 cfg: SlotModelConfig {
-                    scale,
-                    clip,
+                    scale: me.scale,
+                    clip: me.clip,
                     ..self.cfg.clone()
                 },
                 metrics: self.metrics.clone(),
             });
         }
-        let states = futures::future::join_all(models.iter().map(|m| m.restore())).await;
+        // One listing of the bucket for all the slots (each listing is a consumer).
+        let names = match models.first() {
+            Some(m) => m.checkpoint_names().await,
+            None => Vec::new(),
+        };
+        let restored =
+            futures::future::join_all(models.iter().map(|m| m.restore_from(&names, u64::MAX)))
+                .await;
+        let missing: std::collections::BTreeSet<u16> = models
+            .iter()
+            .zip(&restored)
+            .filter(|(_, r)| r.is_none())
+            .map(|(m, _)| m.slot.get())
+            .collect();
+        // A branch's slot without a checkpoint of its own starts from the parent's table at
+        // the fork point, checkpointed at once so that a restart does not rebuild it again.
+        let mut forked: BTreeMap<u16, Table> = BTreeMap::new();
+        if let (Some(fork), Some(template), false) =
+            (me.fork_seq, models.first(), missing.is_empty())
+            && line.len() > 1
+        {
+            forked = replay_model(
+                template,
+                &line[..line.len() - 1],
+                Some(&missing),
+                &|_| fork,
+                &mut |_| {},
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("the branch's fork state: {e}"))?;
+            info!(%model, slots = forked.len(), fork, "branch slots start from the parent's state");
+        }
+        let mut states = Vec::new();
+        let mut forked_names = Vec::new();
+        for (m, r) in models.iter().zip(restored) {
+            let state = match (r, forked.remove(&m.slot.get()), me.fork_seq) {
+                (Some(st), _, _) => st,
+                (None, Some(table), Some(fork)) => {
+                    let chains = HashMap::new();
+                    // The slot's first checkpoint: nothing to prune.
+                    if m.put_checkpoint(&table, fork, &chains).await {
+                        forked_names.push(checkpoint_name(model, m.slot, fork));
+                    }
+                    (table, fork, chains)
+                }
+                _ => m.empty(),
+            };
+            states.push(state);
+        }
+        let mut names = names;
+        names.extend(forked_names);
+        names.sort();
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<Queued>> = HashMap::new();
         let mut tasks = Vec::new();
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
-            tasks.push(tokio::spawn(m.run(state, rx)));
+            let kept: Vec<String> = m.own(&names).cloned().collect();
+            tasks.push(tokio::spawn(m.run(state, kept, rx)));
         }
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
@@ -1021,48 +1267,56 @@ pub async fn get_slot(
     Ok((data, v["ok"]["position"].as_u64().unwrap_or(0)))
 }
 
-/// Rebuilds a model's slot tables offline with one ordered consumer over the model's subjects:
-/// each slot starts from its newest checkpoint at or below its limit (`to_seq(slot)`), then
-/// applies its deltas after that checkpoint up to the limit, validated exactly as the live path
-/// does. `progress` is called with the stream sequences read so far and the last one.
-pub async fn replay_model(
-    template: &SlotModel,
-    to_seq: &dyn Fn(Slot) -> u64,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<BTreeMap<u16, Table>, String> {
-    let names = template.checkpoint_names().await;
-    struct S {
-        model: SlotModel,
-        table: Table,
-        position: u64,
-        chains: HashMap<u32, u64>,
-        limit: u64,
-        range: std::ops::Range<u64>,
-    }
-    let mut slots: BTreeMap<u16, S> = BTreeMap::new();
-    for slot in Slot::all() {
-        let range = slot_rows(template.rows, slot);
-        if range.is_empty() {
-            continue;
-        }
-        let limit = to_seq(slot);
-        let model = template.for_slot(slot);
-        let state = model.restore_from(&names, limit).await;
-        slots.insert(
-            slot.get(),
-            S {
-                model,
-                table: state.0,
-                position: state.1,
-                chains: state.2,
-                limit,
-                range,
-            },
-        );
-    }
-    let stream = template
-        .js
-        .get_stream(deltas_stream(&template.cluster))
+/// Where a pass over the stream is (for progress bars).
+#[derive(Clone, Debug, Default)]
+pub struct ScanProgress<'a> {
+    /// The model whose subjects are read.
+    pub model: &'a str,
+    /// The stream sequence just read.
+    pub seq: u64,
+    /// The pass started after this sequence…
+    pub start: u64,
+    /// …and ends at this one.
+    pub end: u64,
+    /// Messages read so far.
+    pub messages: u64,
+    /// Rows in the frames read so far.
+    pub rows: u64,
+    /// Messages of the model after this one, by the server's count (past `end` too).
+    pub pending: u64,
+    /// Whether the pass reads to the stream's last sequence (then `messages + pending` is the
+    /// pass's total).
+    pub to_end: bool,
+}
+
+/// What a pass over the stream does with each valid frame: slot, stream sequence, the frame,
+/// its rows, its values after the model's transform.
+type Visit<'v> = dyn FnMut(u16, u64, &Frame<'_>, &[u32], &[f32]) -> Result<(), String> + Send + 'v;
+
+/// A slot during a pass over the stream.
+struct ScanSlot {
+    model: SlotModel,
+    position: u64,
+    chains: HashMap<u32, u64>,
+    limit: u64,
+    range: std::ops::Range<u64>,
+}
+
+/// One pass with an ordered consumer over a model's slot subjects, from the lowest position
+/// of `slots` to their highest limit (at most the stream's last sequence): each slot's
+/// messages after its position and up to its limit are validated exactly as the live path
+/// does (advancing the chains) and, when valid, handed to `visit` with their transformed
+/// values. Invalid frames are skipped (the live path dead-letters them).
+async fn scan(
+    js: &jetstream::Context,
+    cluster: &str,
+    model: &str,
+    slots: &mut BTreeMap<u16, ScanSlot>,
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+    visit: &mut Visit<'_>,
+) -> Result<(), String> {
+    let stream = js
+        .get_stream(deltas_stream(cluster))
         .await
         .map_err(|e| e.to_string())?;
     let last = stream
@@ -1073,68 +1327,302 @@ pub async fn replay_model(
         .last_sequence;
     let start = slots.values().map(|s| s.position).min().unwrap_or(0);
     let end = slots.values().map(|s| s.limit).max().unwrap_or(0).min(last);
-    if end > start {
-        let prefix = format!("{}.delta.{}.", template.cluster, template.model);
-        let cfg = consumer::pull::OrderedConfig {
-            filter_subject: format!("{prefix}*"),
-            deliver_policy: if start > 0 {
-                consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start + 1,
-                }
-            } else {
-                consumer::DeliverPolicy::All
-            },
-            ..Default::default()
-        };
-        let mut messages = stream
-            .create_consumer(cfg)
-            .await
-            .map_err(|e| e.to_string())?
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut rows, mut values) = (Vec::new(), Vec::new());
-        loop {
-            let msg = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-                Ok(Some(Ok(m))) => m,
-                // Nothing more of this model before the end: done.
-                Err(_) => break,
-                _ => return Err("the replay consumer failed".into()),
-            };
-            let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            progress(seq, end);
-            if let Some(s) = msg
-                .subject
-                .strip_prefix(prefix.as_str())
-                .and_then(|s| s.parse::<u16>().ok())
-                .and_then(|s| slots.get_mut(&s))
-                && seq > s.position
-                && seq <= s.limit
-            {
-                s.position = seq;
-                rows.clear();
-                values.clear();
-                if s.model
-                    .validate_into(
-                        &msg.payload,
-                        &s.range,
-                        &mut s.chains,
-                        &mut rows,
-                        &mut values,
-                    )
-                    .is_ok()
-                {
-                    s.table
-                        .apply(&rows, &values, 1)
-                        .map_err(|e| e.to_string())?;
-                }
+    if end <= start {
+        return Ok(());
+    }
+    let prefix = format!("{cluster}.delta.{model}.");
+    let cfg = consumer::pull::OrderedConfig {
+        filter_subject: format!("{prefix}*"),
+        deliver_policy: if start > 0 {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start + 1,
             }
-            if seq >= end {
-                break;
+        } else {
+            consumer::DeliverPolicy::All
+        },
+        ..Default::default()
+    };
+    let mut messages = stream
+        .create_consumer(cfg)
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut at = ScanProgress {
+        model,
+        start,
+        end,
+        to_end: end == last,
+        ..Default::default()
+    };
+    let (mut rows, mut values) = (Vec::new(), Vec::new());
+    loop {
+        let msg = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            // Nothing more of this model before the end: done.
+            Err(_) => break,
+            _ => return Err("the replay consumer failed".into()),
+        };
+        let (seq, pending) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.pending))
+            .unwrap_or((0, 0));
+        if seq > end {
+            break;
+        }
+        at.seq = seq;
+        at.pending = pending;
+        at.messages += 1;
+        if let Some((slot, s)) = msg
+            .subject
+            .strip_prefix(prefix.as_str())
+            .and_then(|s| s.parse::<u16>().ok())
+            .and_then(|k| slots.get_mut(&k).map(|s| (k, s)))
+            && seq > s.position
+            && seq <= s.limit
+        {
+            s.position = seq;
+            rows.clear();
+            values.clear();
+            if let Ok(f) = s.model.validate_into(
+                &msg.payload,
+                &s.range,
+                &mut s.chains,
+                &mut rows,
+                &mut values,
+            ) {
+                at.rows += u64::from(f.count);
+                visit(slot, seq, &f, &rows, &values)?;
+            }
+        }
+        progress(&at);
+        if seq >= end || pending == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds tables of a model offline. `lineage` is the model's family line, root first and
+/// the model last (one generation for a model that is not a branch). Each slot (of `only`, or
+/// every slot) starts from the model's newest checkpoint at or below its limit
+/// (`to_seq(slot)`); a branch's slot without one starts from its parent's table at the fork
+/// point (rebuilt the same way, recursively), and a root's from zeros. Then one ordered
+/// consumer applies the model's deltas after that, up to the limit, validated and
+/// transformed exactly as the live path does.
+pub async fn replay_model(
+    template: &SlotModel,
+    lineage: &[Generation],
+    only: Option<&std::collections::BTreeSet<u16>>,
+    to_seq: &(dyn Fn(Slot) -> u64 + Sync),
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+) -> Result<BTreeMap<u16, Table>, String> {
+    Ok(replay_states(template, lineage, only, to_seq, progress)
+        .await?
+        .into_iter()
+        .map(|(k, s)| (k, s.0))
+        .collect())
+}
+
+/// [`replay_model`], keeping each slot's position and chains.
+async fn replay_states(
+    template: &SlotModel,
+    lineage: &[Generation],
+    only: Option<&std::collections::BTreeSet<u16>>,
+    to_seq: &(dyn Fn(Slot) -> u64 + Sync),
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+) -> Result<BTreeMap<u16, SlotState>, String> {
+    let Some((me, ancestors)) = lineage.split_last() else {
+        return Err("no model to replay".into());
+    };
+    let own = template.for_generation(me);
+    let names = own.checkpoint_names().await;
+    let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
+    let mut missing = std::collections::BTreeSet::new();
+    let mut states: BTreeMap<u16, SlotState> = BTreeMap::new();
+    for slot in Slot::all() {
+        let range = slot_rows(template.rows, slot);
+        if range.is_empty() || only.is_some_and(|o| !o.contains(&slot.get())) {
+            continue;
+        }
+        let model = own.for_slot(slot);
+        let limit = to_seq(slot);
+        match model.restore_from(&names, limit).await {
+            Some(st) => {
+                states.insert(slot.get(), st);
+            }
+            None => {
+                missing.insert(slot.get());
             }
         }
     }
-    Ok(slots.into_iter().map(|(k, s)| (k, s.table)).collect())
+    // Slots without a checkpoint of their own: a branch's start from its parent at the fork
+    // point (or at the limit, when that comes first); a root's from zeros.
+    if !missing.is_empty() {
+        match (me.fork_seq, ancestors.is_empty()) {
+            (Some(fork), false) => {
+                let limit = |s: Slot| to_seq(s).min(fork);
+                let base = Box::pin(replay_states(
+                    template,
+                    ancestors,
+                    Some(&missing),
+                    &limit,
+                    progress,
+                ))
+                .await?;
+                for (k, (table, _, _)) in base {
+                    let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
+                    states.insert(k, (table, limit(slot), HashMap::new()));
+                }
+            }
+            _ => {
+                for &k in &missing {
+                    let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
+                    states.insert(k, own.for_slot(slot).empty());
+                }
+            }
+        }
+    }
+    let mut tables: BTreeMap<u16, Table> = BTreeMap::new();
+    for (k, (table, position, chains)) in states {
+        let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
+        tables.insert(k, table);
+        slots.insert(
+            k,
+            ScanSlot {
+                model: own.for_slot(slot),
+                position,
+                chains,
+                limit: to_seq(slot),
+                range: slot_rows(template.rows, slot),
+            },
+        );
+    }
+    let mut apply =
+        |slot: u16, _seq: u64, _f: &Frame<'_>, rows: &[u32], values: &[f32]| match tables
+            .get_mut(&slot)
+        {
+            Some(t) => t.apply(rows, values, 1).map_err(|e| e.to_string()),
+            None => Ok(()),
+        };
+    scan(
+        &template.js,
+        &template.cluster,
+        &me.model,
+        &mut slots,
+        progress,
+        &mut apply,
+    )
+    .await?;
+    Ok(tables
+        .into_iter()
+        .filter_map(|(k, t)| slots.remove(&k).map(|s| (k, (t, s.position, s.chains))))
+        .collect())
+}
+
+/// What a model's stream changed after sequence `after`, through `through`, per row (values
+/// after the model's transform, the latest HLC), validated as the live path does. The chains
+/// are first brought to `after` from the newest checkpoint at or below it (or from the fork
+/// point of a branch, or from the start), so the frames read are judged as the live slots
+/// judged them.
+pub async fn stream_changes(
+    template: &SlotModel,
+    me: &Generation,
+    after: u64,
+    through: u64,
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+) -> Result<actors::merge::Changes, String> {
+    let own = template.for_generation(me);
+    let names = own.checkpoint_names().await;
+    let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
+    for slot in Slot::all() {
+        let range = slot_rows(template.rows, slot);
+        if range.is_empty() {
+            continue;
+        }
+        let model = own.for_slot(slot);
+        let (position, chains) = match model.restore_from(&names, after).await {
+            Some((_, p, c)) => (p, c),
+            None => match me.fork_seq {
+                Some(f) if f <= after => (f, HashMap::new()),
+                _ => (0, HashMap::new()),
+            },
+        };
+        slots.insert(
+            slot.get(),
+            ScanSlot {
+                model,
+                position,
+                chains,
+                limit: through,
+                range,
+            },
+        );
+    }
+    let max_rows = usize::try_from(template.rows).unwrap_or(usize::MAX);
+    let mut changes = actors::merge::Changes::new(template.dim as usize, max_rows);
+    let mut add = |_slot: u16, seq: u64, f: &Frame<'_>, rows: &[u32], values: &[f32]| {
+        if seq <= after {
+            return Ok(());
+        }
+        changes.add(rows, values, f.ts).map_err(|e| e.to_string())
+    };
+    scan(
+        &template.js,
+        &template.cluster,
+        &me.model,
+        &mut slots,
+        progress,
+        &mut add,
+    )
+    .await?;
+    Ok(changes)
+}
+
+/// The last sequence of the deltas stream whose server timestamp is at or before `t_ns` (unix
+/// nanoseconds): one less than the first message stored after it, or the last sequence when
+/// none was.
+pub async fn seq_at_time(
+    js: &jetstream::Context,
+    cluster: &str,
+    t_ns: i128,
+) -> Result<u64, String> {
+    let stream = js
+        .get_stream(deltas_stream(cluster))
+        .await
+        .map_err(|e| e.to_string())?;
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| e.to_string())?
+        .state
+        .last_sequence;
+    let start_time =
+        async_nats::datetime::from_nanos(t_ns.saturating_add(1)).map_err(|e| e.to_string())?;
+    let cfg = consumer::pull::OrderedConfig {
+        deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+        ..Default::default()
+    };
+    let mut messages = stream
+        .create_consumer(cfg)
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+        Ok(Some(Ok(m))) => {
+            let seq = m
+                .info()
+                .map(|i| i.stream_sequence)
+                .map_err(|e| e.to_string())?;
+            Ok(seq.saturating_sub(1).min(last))
+        }
+        Err(_) => Ok(last),
+        Ok(Some(Err(e))) => Err(e.to_string()),
+        Ok(None) => Err("the time lookup consumer ended".into()),
+    }
 }
 
 impl SlotModel {
@@ -1151,6 +1639,19 @@ impl SlotModel {
             slot,
             cfg: self.cfg.clone(),
             metrics: self.metrics.clone(),
+        }
+    }
+
+    /// Another model of the same shape (a generation of its family), with its transform.
+    fn for_generation(&self, g: &Generation) -> SlotModel {
+        SlotModel {
+            model: g.model.clone(),
+            cfg: SlotModelConfig {
+                scale: g.scale,
+                clip: g.clip,
+                ..self.cfg.clone()
+            },
+            ..self.for_slot(self.slot)
         }
     }
 }

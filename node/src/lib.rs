@@ -20,6 +20,7 @@ pub mod localcluster;
 pub mod metrics;
 pub mod natsd;
 pub mod procs;
+pub mod progress;
 pub mod records;
 pub mod runtime;
 pub mod saga;

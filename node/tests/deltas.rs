@@ -258,4 +258,13 @@ async fn the_models_transform_scales_then_clips() {
         .unwrap();
     let expect: HashMap<u32, f32> = [(1, 2.0), (2, 3.0), (3, -3.0)].into();
     wait_equal(&c, "t", &expect).await;
+    // Replay applies the same transform.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args(["replay", "--model", "t", "--verify", "--json", "--quiet"])
+        .args(["--nats", &c.nats.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["differing_slots"], json!([]));
 }

@@ -1,4 +1,5 @@
-//! `tessel ask`, `tessel events` and `tessel model …`: talking to actors from the command line.
+//! `tessel ask`, `tessel events` and `tessel model …`: talking to actors from the command line
+//! (`model branch` and `model merge` are in `cmd::branch`).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -246,6 +247,51 @@ enum ModelCommand {
         /// Its name.
         name: String,
     },
+    /// Fork a model's state at a stream sequence into a new model (a branch).
+    Branch {
+        /// The model to fork.
+        model: String,
+        /// The fork point: a `<c>-deltas` stream sequence (the branch starts from the model's
+        /// state with every delta up to it applied).
+        #[arg(long, required_unless_present = "at_time", conflicts_with = "at_time")]
+        at_seq: Option<u64>,
+        /// The fork point as a time (RFC 3339 or unix ms): the last stream sequence the
+        /// server stored at or before it.
+        #[arg(long, value_parser = crate::progress::parse_time_ns)]
+        at_time: Option<i128>,
+        /// The branch's name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Merge a branch's change since the fork into its parent.
+    Merge {
+        /// The branch.
+        branch: String,
+        /// Its parent.
+        #[arg(long)]
+        into: String,
+        /// `sum` adds the branch's change; `newer` keeps, for each row changed on both sides,
+        /// the side with the newer latest update.
+        #[arg(long, default_value = "sum", value_parser = parse_policy)]
+        policy: actors::merge::MergePolicy,
+        /// The owners' delta bound (`delta_max_abs`): a merged value above it is refused.
+        #[arg(long, default_value_t = 1e6)]
+        max_abs: f32,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+        /// No progress line on stderr.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+fn parse_policy(s: &str) -> Result<actors::merge::MergePolicy, String> {
+    match s {
+        "sum" => Ok(actors::merge::MergePolicy::Sum),
+        "newer" => Ok(actors::merge::MergePolicy::Newer),
+        _ => Err(format!("{s:?}: sum or newer")),
+    }
 }
 
 /// Runs `tessel model …`.
@@ -294,9 +340,10 @@ pub fn model(args: ModelArgs) -> ExitCode {
                     if json {
                         println!("{v}");
                     } else {
-                        println!("{name}: {} rows={} dim={} dtype={} reserved on {} node(s){}",
+                        println!("{name}: {} rows={} dim={} dtype={} reserved on {} node(s){}{}",
                             v["state"].as_str().unwrap_or("?"), v["rows"], v["dim"], v["dtype"].as_str().unwrap_or("?"),
                             v["reserved"].as_object().map_or(0, |m| m.len()),
+                            v["parent"].as_str().map(|p| format!("; branch of {p} at stream sequence {}", v["fork_seq"])).unwrap_or_default(),
                             v["reason"].as_str().map(|r| format!("; failed: {r}")).unwrap_or_default());
                     }
                     ExitCode::SUCCESS
@@ -309,7 +356,7 @@ pub fn model(args: ModelArgs) -> ExitCode {
                 let mut rows = Vec::new();
                 for name in names {
                     match describe(name.clone()).await {
-                        Ok((v, _)) => rows.push(json!({"name": name, "state": v["state"], "rows": v["rows"], "dim": v["dim"], "dtype": v["dtype"]})),
+                        Ok((v, _)) => rows.push(json!({"name": name, "state": v["state"], "rows": v["rows"], "dim": v["dim"], "dtype": v["dtype"], "parent": v["parent"], "fork_seq": v["fork_seq"]})),
                         Err(e) => rows.push(json!({"name": name, "error": e.to_string()})),
                     }
                 }
@@ -323,6 +370,21 @@ pub fn model(args: ModelArgs) -> ExitCode {
                 ExitCode::SUCCESS
             }
             ModelCommand::Get { name, rows, json } => crate::cmd::produce::get(&args.target, &name, &rows, json).await,
+            ModelCommand::Branch { model, at_seq, at_time, name } => {
+                let at = match (at_seq, at_time) {
+                    (Some(s), _) => crate::cmd::branch::ForkPoint::Seq(s),
+                    (None, Some(t)) => crate::cmd::branch::ForkPoint::TimeNs(t),
+                    (None, None) => {
+                        eprintln!("tessel model branch: --at-seq or --at-time is required");
+                        return ExitCode::from(2);
+                    }
+                };
+                crate::cmd::branch::run_branch(&args.target, &model, at, &name).await
+            }
+            ModelCommand::Merge { branch, into, policy, max_abs, json, quiet } => {
+                let a = crate::cmd::branch::MergeArgs { policy, max_abs, json, quiet };
+                crate::cmd::branch::run_merge(&args.target, &branch, &into, a).await
+            }
             ModelCommand::Retire { name } => {
                 let Ok(k) = ActorKey::new("model", &name) else {
                     eprintln!("tessel model retire: invalid name {name:?}");

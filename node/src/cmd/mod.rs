@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 pub mod actor;
 pub mod bench;
+pub mod branch;
 pub mod devices;
 pub mod node;
 pub mod produce;
@@ -28,7 +29,7 @@ enum Command {
     Ask(actor::AskArgs),
     /// Print an actor's event history.
     Events(actor::EventsArgs),
-    /// Create, list, describe and retire models.
+    /// Create, list, describe, read, branch, merge and retire models.
     Model(actor::ModelArgs),
     /// Run the benchmarks and print measured figures against their baselines.
     Bench(bench::BenchArgs),

@@ -1,5 +1,7 @@
-//! `tessel replay`: rebuilds a model's tables offline from checkpoints and the stream, and with
-//! `--verify` compares every slot with the live cluster at the live position.
+//! `tessel replay`: rebuilds a model's tables offline from checkpoints and the stream (a
+//! branch: from its parent's state at the fork point, then its own stream), up to a stream
+//! sequence or a point in time, and with `--verify` compares every slot with the live cluster
+//! at the live position.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -11,7 +13,9 @@ use cluster::Slot;
 use serde_json::json;
 
 use crate::cmd::actor::Target;
-use crate::deltas::{SlotModel, SlotModelConfig, data_checksum, ensure, get_slot, replay_model};
+use crate::deltas::{
+    SlotModel, SlotModelConfig, data_checksum, ensure, get_slot, lineage, replay_model, seq_at_time,
+};
 use crate::metrics::Metrics;
 
 /// Arguments of `tessel replay`.
@@ -23,8 +27,15 @@ pub struct ReplayArgs {
     #[arg(long)]
     model: String,
     /// Replay up to this stream sequence (default: everything).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["to_time", "verify"])]
     to_seq: Option<u64>,
+    /// Replay the deltas the server stored at or before this time (RFC 3339 or unix ms): the
+    /// first delta whose stream timestamp is after it, and everything after that, is left out.
+    #[arg(long, conflicts_with = "verify", value_parser = crate::progress::parse_time_ns)]
+    to_time: Option<i128>,
+    /// No progress line on stderr.
+    #[arg(long)]
+    quiet: bool,
     /// Write the rebuilt table here (little-endian f32, row-major, all rows).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
@@ -47,6 +58,25 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             Err(c) => return c,
         };
         let js = async_nats::jetstream::new(client.clone());
+        let actors = crate::client::ActorClient::new(client.clone(), &args.target.cluster);
+        let line = match lineage(&actors, &args.model).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tessel replay: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        // A point in time becomes the last stream sequence stored at or before it.
+        let to_seq = match args.to_time {
+            Some(t) => match seq_at_time(&js, &args.target.cluster, t).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!("tessel replay: --to-time: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => args.to_seq,
+        };
         let checkpoints = match ensure(&js, &args.target.cluster, 1).await {
             Ok(c) => c,
             Err(e) => {
@@ -94,16 +124,11 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             cfg: SlotModelConfig::default(),
             metrics: std::sync::Arc::new(Metrics::default()),
         };
-        let limit = |slot: Slot| live.get(&slot.get()).map(|(_, p)| *p).or(args.to_seq).unwrap_or(u64::MAX);
-        let mut last_print = std::time::Instant::now();
-        let quiet = args.json;
-        let mut progress = |seq: u64, end: u64| {
-            if !quiet && last_print.elapsed() >= Duration::from_secs(1) {
-                eprintln!("replay: sequence {seq} of {end}");
-                last_print = std::time::Instant::now();
-            }
-        };
-        let tables = match replay_model(&template, &limit, &mut progress).await {
+        let limit = |slot: Slot| live.get(&slot.get()).map(|(_, p)| *p).or(to_seq).unwrap_or(u64::MAX);
+        let mut bar = crate::progress::Bar::new(args.quiet);
+        let replayed = replay_model(&template, &line, None, &limit, &mut |p| bar.update(p)).await;
+        bar.finish();
+        let tables = match replayed {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("tessel replay: {e}");
@@ -129,14 +154,15 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             slots_done += 1;
             rows_done += table.rows().end - table.rows().start;
         }
-        let report = json!({"model": args.model, "slots": slots_done, "rows": rows_done, "verified": args.verify, "differing_slots": differing});
+        let report = json!({"model": args.model, "slots": slots_done, "rows": rows_done, "to_seq": to_seq,
+            "verified": args.verify, "differing_slots": differing});
         if args.json {
             println!("{report}");
         } else if args.verify {
             println!("replay: {slots_done} slots, {rows_done} rows rebuilt; {} differ from the live tables{}", differing.len(),
                 if differing.is_empty() { String::new() } else { format!(": {differing:?}") });
         } else {
-            println!("replay: {slots_done} slots, {rows_done} rows rebuilt");
+            println!("replay: {slots_done} slots, {rows_done} rows rebuilt{}", to_seq.map(|s| format!(" through stream sequence {s}")).unwrap_or_default());
         }
         if differing.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
