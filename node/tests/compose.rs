@@ -390,7 +390,9 @@ fn rewrite_addrs(text: &str, names: &[String], mut f: impl FnMut(&str, u16) -> S
     'outer: while i < bytes.len() {
         for name in names.iter().map(String::as_str).chain(["0.0.0.0"]) {
             let pat = format!("{name}:");
-            if text[i..].starts_with(&pat) && boundary(i.checked_sub(1).map(|j| bytes[j])) {
+            // `/` may precede an address (`nats://nats-1:4222`), unlike a path.
+            let before = i.checked_sub(1).map(|j| bytes[j]);
+            if text[i..].starts_with(&pat) && (before == Some(b'/') || boundary(before)) {
                 let digits: String = text[i + pat.len()..]
                     .chars()
                     .take_while(char::is_ascii_digit)
