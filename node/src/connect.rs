@@ -105,6 +105,26 @@ async fn options(
     Ok(o)
 }
 
+/// Whether a connection error comes from the TLS layer (rustls): a certificate or protocol
+/// problem of the configuration, not an unreachable server.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Reads an nkey seed file: the first line that starts with `SU` (a user seed), trimmed.
 fn read_nkey_seed(path: &std::path::Path) -> Result<String, ConnectFailure> {
     let fail = |m: String| ConnectFailure::Credentials(format!("{}: {m}", path.display()));
@@ -154,6 +174,11 @@ pub async fn connect(
                     | ConnectErrorKind::Authentication
                     | ConnectErrorKind::Tls
                     | ConnectErrorKind::ServerParse => {
+                        return Err(ConnectFailure::Refused { urls, message });
+                    }
+                    // A certificate the configured CA does not accept arrives as an I/O
+                    // error; retrying cannot fix it.
+                    _ if is_tls_failure(&e) => {
                         return Err(ConnectFailure::Refused { urls, message });
                     }
                     _ => {}
