@@ -217,7 +217,7 @@ fn read_compose(path: &Path, vars: &HashMap<String, String>) -> Vec<Service> {
             .collect();
         let depends_on = match s.get("depends_on") {
             None => Vec::new(),
-            Some(Yaml::Mapping(m)) => m.keys().map(|k| scalar(k)).collect(),
+            Some(Yaml::Mapping(m)) => m.keys().map(scalar).collect(),
             Some(Yaml::Sequence(l)) => l.iter().map(scalar).collect(),
             Some(other) => panic!("{name}: depends_on {other:?}"),
         };
