@@ -992,6 +992,26 @@ fn compose_services_form_a_cluster_and_apply_the_demo_deltas() {
     };
     println!("compose: {nonzero} of 64 rows read back non-zero");
 
+    // Replaying the stream gives the live tables: every acknowledged delta applied once.
+    let (code, out, err) = d.tessel_as(
+        "producer",
+        "tessel-admin",
+        &admin_password,
+        &[
+            "replay",
+            "--model",
+            &model,
+            "--verify",
+            "--json",
+            "--cluster",
+            CLUSTER,
+        ],
+    );
+    assert_eq!(code, 0, "replay --verify: {out}{err}");
+    let verify: Json = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(verify["verified"], true, "{verify}");
+    println!("compose: replay --verify: {verify}");
+
     // The producer user can read rows too (its permissions cover row reads).
     let (code, out, err) = d.tessel_as(
         "producer",
