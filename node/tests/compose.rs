@@ -317,9 +317,33 @@ fn is_root() -> bool {
 }
 
 impl Netns {
+    /// Removes what an earlier run killed before its `Drop` left behind: namespaces
+    /// `tsc<pid>-…` and bridges `tsc<pid>b` of processes that no longer exist.
+    fn remove_stale() {
+        let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+            return;
+        };
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(ns) = line.split_whitespace().next() else {
+                continue;
+            };
+            let Some((pid, _)) = ns.strip_prefix("tsc").and_then(|r| r.split_once('-')) else {
+                continue;
+            };
+            if pid.parse::<u32>().is_ok() && !Path::new(&format!("/proc/{pid}")).exists() {
+                println!("compose: removing stale namespace {ns}");
+                let _ = run_ip(&["netns", "del", ns]);
+                let _ = fs::remove_dir_all(Path::new("/etc/netns").join(ns));
+                let _ = run_ip(&["link", "del", &format!("tsc{pid}b")]);
+            }
+        }
+    }
+
     /// Creates one namespace per service. On failure what was made is removed by `Drop`.
     fn create(names: &[String], into: &mut Option<Netns>) -> Result<(), String> {
-        let id = std::process::id() % 100_000;
+        Netns::remove_stale();
+        // The whole pid (at most 7 digits): interface names stay within 15 characters.
+        let id = std::process::id();
         let net = format!("10.231.{}", id % 250);
         let bridge = format!("tsc{id}b");
         *into = Some(Netns {
