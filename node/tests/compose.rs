@@ -473,6 +473,8 @@ struct Running {
     name: String,
     child: Child,
     log: PathBuf,
+    /// Stopped on purpose: no longer expected to run.
+    stopped: bool,
 }
 
 struct Deployment {
@@ -696,6 +698,7 @@ impl Deployment {
             name: s.name.clone(),
             child,
             log,
+            stopped: false,
         });
     }
 
@@ -730,7 +733,7 @@ impl Deployment {
     /// Panics with the logs when a long-running service exited.
     fn assert_alive(&self) {
         for r in &self.running {
-            if r.name == "producer" {
+            if r.name == "producer" || r.stopped {
                 continue;
             }
             let pid = r.child.id();
@@ -761,6 +764,67 @@ impl Deployment {
     fn log_of(&self, name: &str) -> String {
         let r = self.running.iter().find(|r| r.name == name).unwrap();
         fs::read_to_string(&r.log).unwrap_or_default()
+    }
+
+    /// Waits until `tessel status` (as the admin) shows `nodes` Active nodes owning all 1024
+    /// slots under a leader; returns the status.
+    fn wait_formed(&self, nodes: usize, admin_password: &str) -> Json {
+        let started = Instant::now();
+        loop {
+            let (code, out, err) = self.tessel_as(
+                "producer",
+                "tessel-admin",
+                admin_password,
+                &["status", "--json", "--cluster", CLUSTER],
+            );
+            if code == 0 {
+                let s: Json = serde_json::from_str(out.trim()).unwrap();
+                let list = s["nodes"].as_array().cloned().unwrap_or_default();
+                let owned: u64 = list.iter().filter_map(|n| n["slots"].as_u64()).sum();
+                let active = list.iter().filter(|n| n["status"] == "Active").count();
+                if list.len() == nodes
+                    && active == nodes
+                    && owned == 1024
+                    && s["unowned_slots"] == 0
+                    && !s["leader"].is_null()
+                {
+                    println!(
+                        "compose: {nodes} nodes settled after {:?}",
+                        started.elapsed()
+                    );
+                    return s;
+                }
+            }
+            self.assert_alive();
+            assert!(
+                started.elapsed() < FORM_LIMIT,
+                "not {nodes} settled nodes after {FORM_LIMIT:?}: {out}{err}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Stops a service with SIGTERM (a node drains) and returns its exit code.
+    fn terminate(&mut self, name: &str) -> Option<i32> {
+        let r = self.running.iter_mut().find(|r| r.name == name).unwrap();
+        r.stopped = true;
+        let pid = r.child.id().to_string();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let started = Instant::now();
+        loop {
+            if let Some(status) = r.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(started.elapsed() < FORM_LIMIT, "{name} ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// The NATS URLs of the compose's NATS services, as `service` reaches them.
@@ -896,37 +960,8 @@ fn compose_services_form_a_cluster_and_apply_the_demo_deltas() {
     }
 
     // The cluster forms: three Active nodes, a leader, 1024 owned slots.
-    let started = Instant::now();
-    let formed = loop {
-        let (code, out, err) = d.tessel_as(
-            "producer",
-            "tessel-admin",
-            &admin_password,
-            &["status", "--json", "--cluster", CLUSTER],
-        );
-        if code == 0 {
-            let s: Json = serde_json::from_str(out.trim()).unwrap();
-            let nodes = s["nodes"].as_array().cloned().unwrap_or_default();
-            let owned: u64 = nodes.iter().filter_map(|n| n["slots"].as_u64()).sum();
-            let active = nodes.iter().filter(|n| n["status"] == "Active").count();
-            if nodes.len() == 3
-                && active == 3
-                && owned == 1024
-                && s["unowned_slots"] == 0
-                && !s["leader"].is_null()
-            {
-                break s;
-            }
-        }
-        d.assert_alive();
-        assert!(
-            started.elapsed() < FORM_LIMIT,
-            "no cluster after {FORM_LIMIT:?}: {out}{err}\n{}",
-            d.logs()
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    println!("compose: formed after {:?}: {formed}", started.elapsed());
+    let formed = d.wait_formed(3, &admin_password);
+    println!("compose: formed: {formed}");
     let leader = formed["leader"]["node"].as_str().unwrap().to_owned();
     let ids: Vec<&str> = formed["nodes"]
         .as_array()
@@ -1053,6 +1088,18 @@ fn compose_services_form_a_cluster_and_apply_the_demo_deltas() {
         ],
     );
     assert_eq!(code, 0, "{out}{err}");
+
+    // The leader leaves gracefully (drains: hands its slots over with checkpoints, releases the
+    // lease and its membership key); the other two take everything over.
+    let code = d.terminate(&leader);
+    assert_eq!(
+        code,
+        Some(0),
+        "{leader} did not drain cleanly\n{}",
+        d.logs()
+    );
+    let after = d.wait_formed(2, &admin_password);
+    assert_ne!(after["leader"]["node"], leader.as_str(), "{after}");
 
     // Nothing any node or the producer did was refused by the permissions.
     for s in &nats {
