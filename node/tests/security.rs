@@ -1,5 +1,6 @@
-//! Authentication and TLS to NATS from the node's configuration: an nkey seed file, TLS with a
-//! CA file (certificates made by `rcgen`), and the clear errors and exit code 3 when the
+//! Authentication and TLS to NATS from the node's configuration: an nkey seed file, a creds
+//! file (JWT + seed) against a server in operator mode (JWTs signed here with `nkeys`), TLS with
+//! a CA file (certificates made by `rcgen`), and the clear errors and exit code 3 when the
 //! credentials or the certificate chain are wrong. User/password is covered by
 //! `cluster.rs` (wrong password) and `compose.rs` (the compose file's users).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -215,6 +216,93 @@ fn tls_with_a_ca_file_works_and_an_unknown_ca_is_refused() {
         format!("tls_ca_file = {:?}\n", other.to_str().unwrap()),
     )
     .unwrap();
+    let err = node_is_refused(&cfg, &url);
+    assert!(err.contains("refused"), "{err}");
+}
+
+/// A signed NATS JWT (`ed25519-nkey`) with `claims` for `subject`, issued by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(r#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("{name}{}", std::process::id()),
+        "iat": 1_700_000_000u64,
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = format!("{header}.{}", b64.encode(claims.to_string()));
+    let sig = issuer.sign(body.as_bytes()).unwrap();
+    format!("{body}.{}", b64.encode(sig))
+}
+
+#[test]
+fn a_creds_file_authenticates_in_operator_mode_and_a_foreign_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let operator = nkeys::KeyPair::new_operator();
+    let system = nkeys::KeyPair::new_account();
+    let account = nkeys::KeyPair::new_account();
+    let op_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        "op",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let sys_jwt = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2, "limits": {"conn": -1}}),
+    );
+    let acc_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "tessel",
+        serde_json::json!({"type": "account", "version": 2, "limits": unlimited}),
+    );
+    let (_nats, url) = nats_with(
+        dir.path(),
+        &format!(
+            "operator: {op_jwt}\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: {sys_jwt}\n  {}: {acc_jwt}\n}}",
+            system.public_key(),
+            system.public_key(),
+            account.public_key()
+        ),
+    );
+    let creds = |issuer: &nkeys::KeyPair| {
+        let user = nkeys::KeyPair::new_user();
+        let user_jwt = jwt(
+            issuer,
+            &user.public_key(),
+            "node",
+            serde_json::json!({"type": "user", "version": 2, "pub": {}, "sub": {},
+                               "subs": -1, "data": -1, "payload": -1}),
+        );
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        )
+    };
+    let creds_path = dir.path().join("node.creds");
+    fs::write(&creds_path, creds(&account)).unwrap();
+    let cfg = dir.path().join("node.toml");
+    fs::write(
+        &cfg,
+        format!("creds_file = {:?}\n", creds_path.to_str().unwrap()),
+    )
+    .unwrap();
+    node_serves(dir.path(), &cfg, &url);
+
+    // A user signed by an account the server does not know: refused, exit 3.
+    fs::write(&creds_path, creds(&nkeys::KeyPair::new_account())).unwrap();
     let err = node_is_refused(&cfg, &url);
     assert!(err.contains("refused"), "{err}");
 }
