@@ -179,7 +179,7 @@ fn make_ca(dir: &Path, name: &str) -> (rcgen::Certificate, rcgen::KeyPair) {
 }
 
 #[test]
-fn tls_with_a_ca_file_works_and_an_unknown_ca_is_refused() {
+fn tls_with_a_ca_file_and_client_certificates_works_and_wrong_chains_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (ca, ca_key) = make_ca(dir.path(), "ca");
     make_ca(dir.path(), "other-ca");
@@ -191,7 +191,7 @@ fn tls_with_a_ca_file_works_and_an_unknown_ca_is_refused() {
     let (cert_path, key_path) = (dir.path().join("server.pem"), dir.path().join("server.key"));
     fs::write(&cert_path, cert.pem()).unwrap();
     fs::write(&key_path, key.serialize_pem()).unwrap();
-    let (_nats, url) = nats_with(
+    let (nats, url) = nats_with(
         dir.path(),
         &format!(
             "tls {{ cert_file: {:?}, key_file: {:?} }}",
@@ -214,6 +214,49 @@ fn tls_with_a_ca_file_works_and_an_unknown_ca_is_refused() {
     fs::write(
         &cfg,
         format!("tls_ca_file = {:?}\n", other.to_str().unwrap()),
+    )
+    .unwrap();
+    let err = node_is_refused(&cfg, &url);
+    assert!(err.contains("refused"), "{err}");
+    drop(nats);
+
+    // Mutual TLS: the server verifies client certificates signed by the same CA.
+    let client_key = rcgen::KeyPair::generate().unwrap();
+    let client = rcgen::CertificateParams::new(vec!["tessel-node".to_owned()])
+        .unwrap()
+        .signed_by(&client_key, &ca, &ca_key)
+        .unwrap();
+    let client_cert = dir.path().join("client.pem");
+    let client_key_path = dir.path().join("client.key");
+    fs::write(&client_cert, client.pem()).unwrap();
+    fs::write(&client_key_path, client_key.serialize_pem()).unwrap();
+    let mtls_dir = dir.path().join("mtls");
+    fs::create_dir_all(&mtls_dir).unwrap();
+    let (_mtls, url) = nats_with(
+        &mtls_dir,
+        &format!(
+            "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, verify: true }}",
+            cert_path.to_str().unwrap(),
+            key_path.to_str().unwrap(),
+            ca_path.to_str().unwrap()
+        ),
+    );
+    fs::write(
+        &cfg,
+        format!(
+            "tls_ca_file = {:?}\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+            ca_path.to_str().unwrap(),
+            client_cert.to_str().unwrap(),
+            client_key_path.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    node_serves(&mtls_dir, &cfg, &url);
+
+    // Without a client certificate the server refuses the node: exit 3, not a retry loop.
+    fs::write(
+        &cfg,
+        format!("tls_ca_file = {:?}\n", ca_path.to_str().unwrap()),
     )
     .unwrap();
     let err = node_is_refused(&cfg, &url);
