@@ -1136,3 +1136,39 @@ fn compose_services_form_a_cluster_and_apply_the_demo_deltas() {
     );
     println!("compose: passed (network namespaces: {netns_ran})");
 }
+
+#[test]
+fn the_dockerfile_builds_in_two_stages_and_runs_tessel_unprivileged_with_a_health_check() {
+    let text = fs::read_to_string(deploy_dir().join("Dockerfile")).unwrap();
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    let froms: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "a builder and a runtime stage: {froms:?}");
+    assert!(
+        text.contains("cargo build --release --locked -p node --bin tessel"),
+        "the builder builds the tessel binary from the lock file"
+    );
+    assert!(
+        froms[1].contains("slim"),
+        "a slim runtime image: {}",
+        froms[1]
+    );
+    let runtime = text.split(froms[1]).nth(1).unwrap();
+    let user = runtime
+        .lines()
+        .map(str::trim)
+        .rfind(|l| l.starts_with("USER "))
+        .expect("a USER in the runtime stage");
+    assert!(
+        !user.contains("root") && !user.ends_with(" 0") && !user.contains(" 0:"),
+        "{user}"
+    );
+    assert!(runtime.contains("HEALTHCHECK"), "no health check");
+    let d = read_dockerfile(&deploy_dir().join("Dockerfile"));
+    assert_eq!(d.entrypoint, ["tessel"]);
+    assert!(
+        d.health_url
+            .as_deref()
+            .is_some_and(|u| u.ends_with("/status")),
+        "the health check asks the node's /status"
+    );
+}
