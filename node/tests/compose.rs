@@ -405,8 +405,8 @@ fn boundary(b: Option<u8>) -> bool {
     !b.is_some_and(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b))
 }
 
-/// Replaces every `<name>:<port>` for the given names (`None` in the map's key means
-/// `0.0.0.0`, the service's own bind) through `f`.
+/// Replaces every `<name>:<port>` for the given service names, and every `0.0.0.0:<port>` (a
+/// service's own bind; `f` gets the name `0.0.0.0`), by what `f` returns.
 fn rewrite_addrs(text: &str, names: &[String], mut f: impl FnMut(&str, u16) -> String) -> String {
     let bytes = text.as_bytes();
     let mut out = String::with_capacity(text.len());
