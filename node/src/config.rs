@@ -138,6 +138,8 @@ pub struct NodeConfig {
     pub password: Option<String>,
     /// NATS credentials file (JWT + nkey seed).
     pub creds_file: Option<PathBuf>,
+    /// A file holding an nkey seed (`SU…`), for servers that list the user's public nkey.
+    pub nkey_file: Option<PathBuf>,
     /// CA certificate for TLS to NATS.
     pub tls_ca_file: Option<PathBuf>,
     /// Client certificate for TLS to NATS (with `tls_key_file`).
@@ -187,6 +189,7 @@ impl Default for NodeConfig {
             user: None,
             password: None,
             creds_file: None,
+            nkey_file: None,
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
@@ -302,6 +305,18 @@ impl NodeConfig {
         }
         if let Some(v) = get("TESSEL_CREDS_FILE") {
             self.creds_file = Some(v.into());
+        }
+        if let Some(v) = get("TESSEL_NKEY_FILE") {
+            self.nkey_file = Some(v.into());
+        }
+        if let Some(v) = get("TESSEL_TLS_CA_FILE") {
+            self.tls_ca_file = Some(v.into());
+        }
+        if let Some(v) = get("TESSEL_TLS_CERT_FILE") {
+            self.tls_cert_file = Some(v.into());
+        }
+        if let Some(v) = get("TESSEL_TLS_KEY_FILE") {
+            self.tls_key_file = Some(v.into());
         }
         Ok(())
     }
@@ -443,6 +458,16 @@ impl NodeConfig {
         if self.user.is_some() != self.password.is_some() {
             return Err(ConfigError::Invalid("user and password go together".into()));
         }
+        let methods = [
+            self.user.is_some(),
+            self.creds_file.is_some(),
+            self.nkey_file.is_some(),
+        ];
+        if methods.iter().filter(|m| **m).count() > 1 {
+            return Err(ConfigError::Invalid(
+                "choose one of user/password, creds_file and nkey_file".into(),
+            ));
+        }
         if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
             return Err(ConfigError::Invalid(
                 "tls_cert_file and tls_key_file go together".into(),
@@ -529,6 +554,14 @@ mod tests {
                     ..valid()
                 },
                 "password",
+            ),
+            (
+                NodeConfig {
+                    creds_file: Some("a.creds".into()),
+                    nkey_file: Some("a.nk".into()),
+                    ..valid()
+                },
+                "choose one",
             ),
             (
                 NodeConfig {

@@ -14,6 +14,8 @@ use crate::metrics::Metrics;
 pub const EXIT_AUTH: i32 = 3;
 /// Exit code when NATS stayed unreachable for `connect_retry_for_ms`.
 pub const EXIT_UNREACHABLE: i32 = 4;
+/// Largest nkey seed file read (a seed is 58 characters).
+pub const MAX_NKEY_FILE_BYTES: u64 = 4096;
 
 /// Why no connection was made.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,9 @@ async fn options(
             .await
             .map_err(|e| ConnectFailure::Credentials(format!("{}: {e}", path.display())))?;
     }
+    if let Some(path) = &cfg.nkey_file {
+        o = o.nkey(read_nkey_seed(path)?);
+    }
     if let Some(ca) = &cfg.tls_ca_file {
         o = o.add_root_certificates(ca.clone()).require_tls(true);
     }
@@ -98,6 +103,49 @@ async fn options(
             .require_tls(true);
     }
     Ok(o)
+}
+
+/// Whether a connection error comes from the TLS layer (rustls): a certificate or protocol
+/// problem of the configuration, not an unreachable server.
+fn is_tls_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<async_nats::rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Reads an nkey seed file: the first line that starts with `SU` (a user seed), trimmed.
+fn read_nkey_seed(path: &std::path::Path) -> Result<String, ConnectFailure> {
+    let fail = |m: String| ConnectFailure::Credentials(format!("{}: {m}", path.display()));
+    let len = std::fs::metadata(path)
+        .map_err(|e| fail(e.to_string()))?
+        .len();
+    if len > MAX_NKEY_FILE_BYTES {
+        return Err(fail(format!(
+            "{len} bytes; an nkey seed file is at most {MAX_NKEY_FILE_BYTES}"
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let seed = text
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SU"))
+        .ok_or_else(|| fail("no user nkey seed (a line starting with SU)".into()))?;
+    if seed.len() != 58 || !seed.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(fail("the seed is not 58 base32 characters".into()));
+    }
+    Ok(seed.to_owned())
 }
 
 /// Connects, retrying with backoff for up to `connect_retry_for_ms` (0: forever) while the
@@ -126,6 +174,11 @@ pub async fn connect(
                     | ConnectErrorKind::Authentication
                     | ConnectErrorKind::Tls
                     | ConnectErrorKind::ServerParse => {
+                        return Err(ConnectFailure::Refused { urls, message });
+                    }
+                    // A certificate the configured CA does not accept arrives as an I/O
+                    // error; retrying cannot fix it.
+                    _ if is_tls_failure(&e) => {
                         return Err(ConnectFailure::Refused { urls, message });
                     }
                     _ => {}

@@ -31,11 +31,16 @@ impl Target {
             eprintln!("tessel: {e}");
             return Err(ExitCode::from(2));
         }
-        let cfg = NodeConfig {
-            nats_urls: split_urls(&self.nats),
+        let mut cfg = NodeConfig {
             connect_retry_for_ms: 3_000,
             ..NodeConfig::default()
         };
+        // Credentials and TLS come from the same TESSEL_* variables a node reads.
+        if let Err(e) = cfg.apply_env(|k| std::env::var(k).ok()) {
+            eprintln!("tessel: {e}");
+            return Err(ExitCode::from(2));
+        }
+        cfg.nats_urls = split_urls(&self.nats);
         crate::connect::connect(&cfg, "tessel-cli", Arc::new(Metrics::default()))
             .await
             .map_err(|e| {

@@ -40,6 +40,11 @@ pub fn run(args: StatusArgs) -> ExitCode {
         },
         None => NodeConfig::default(),
     };
+    // Credentials and TLS may also come from the TESSEL_* variables a node reads.
+    if let Err(e) = cfg.apply_env(|k| std::env::var(k).ok()) {
+        eprintln!("tessel status: {e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = validate_cluster_name(&args.cluster) {
         eprintln!("tessel status: {e}");
         return ExitCode::from(2);
