@@ -92,13 +92,19 @@ pub fn machine() -> String {
     format!("{model}, {cores} cores, {mem} GiB")
 }
 
-/// p-th percentile (0..=100) of sorted samples, nearest rank.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
+/// p-th percentile (0..=100) of samples (any order), from an HDR histogram of the samples in
+/// thousandths of their unit with 3 significant digits (so within 0.1%).
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
+    if samples.is_empty() {
         return f64::NAN;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+    let Ok(mut h) = hdrhistogram::Histogram::<u64>::new(3) else {
+        return f64::NAN;
+    };
+    for s in samples {
+        h.saturating_record((s * 1e3).round().max(0.0) as u64);
+    }
+    h.value_at_quantile((p / 100.0).clamp(0.0, 1.0)) as f64 / 1e3
 }
 
 fn ms(d: Duration) -> f64 {
@@ -509,6 +515,155 @@ async fn actor_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     Ok(out)
 }
 
+/// The raw NATS limits on this machine, measured on one nats-server with this process as the
+/// only client: core publish → subscribe throughput, JetStream publish with acks in flight,
+/// ordered-consumer replay, and request/reply round trips. They are the baselines the other
+/// groups compare with (each group also measures its own baseline in the same run).
+pub async fn raw(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    quick: bool,
+) -> anyhow::Result<Vec<BenchResult>> {
+    let env = vec![("RUST_LOG".into(), "warn".into())];
+    let mut c = LocalCluster::start(dir, bin, 1, 0, env).await?;
+    let result = raw_figures(&c, quick).await;
+    c.shutdown().await;
+    result
+}
+
+async fn raw_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchResult>> {
+    use async_nats::jetstream::{self, consumer, stream};
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+
+    const PAYLOAD: usize = 256;
+    let n: u64 = if quick { 100_000 } else { 400_000 };
+    let payload = bytes::Bytes::from(vec![b'x'; PAYLOAD]);
+    let mut out = Vec::new();
+
+    // Core NATS: publish n messages; the subscriber (same process) counts them.
+    let mut sub = c.client.subscribe("rawbench.core").await?;
+    c.client.flush().await?;
+    let counter = tokio::spawn(async move {
+        let mut got = 0u64;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+                Ok(Some(_)) => got += 1,
+                _ => break,
+            }
+        }
+        (got, Instant::now())
+    });
+    let t0 = Instant::now();
+    for _ in 0..n {
+        c.client.publish("rawbench.core", payload.clone()).await?;
+    }
+    c.client.flush().await?;
+    let (got, done) = counter.await?;
+    let rate = got as f64 / (done - t0).as_secs_f64();
+    eprintln!("bench: raw core pub/sub: {got} of {n} messages, {rate:.0} msg/s");
+    out.push(BenchResult::new(
+        "raw core NATS publish → subscribe, 256 B",
+        rate,
+        "msg/s",
+        None,
+    ));
+
+    // JetStream: publish with 256 acknowledgements in flight, then replay with an ordered
+    // consumer.
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(10))
+        .build(c.client.clone());
+    js.create_stream(stream::Config {
+        name: "rawjs".into(),
+        subjects: vec!["rawjs.>".into()],
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await?;
+    let m = n / 4;
+    let t0 = Instant::now();
+    let mut acks = FuturesUnordered::new();
+    for _ in 0..m {
+        acks.push(std::future::IntoFuture::into_future(
+            js.publish("rawjs.a", payload.clone()).await?,
+        ));
+        while acks.len() >= 256 {
+            if let Some(r) = acks.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    let rate = m as f64 / t0.elapsed().as_secs_f64();
+    eprintln!("bench: raw JetStream publish: {rate:.0} msg/s");
+    out.push(BenchResult::new(
+        "raw JetStream publish, 256 acks in flight, 256 B",
+        rate,
+        "msg/s",
+        None,
+    ));
+    let t0 = Instant::now();
+    let mut messages = js
+        .get_stream("rawjs")
+        .await?
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: "rawjs.a".into(),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?;
+    let mut read = 0u64;
+    while read < m {
+        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+            Ok(Some(Ok(_))) => read += 1,
+            _ => break,
+        }
+    }
+    let rate = read as f64 / t0.elapsed().as_secs_f64();
+    eprintln!("bench: raw ordered consumer: {read} of {m} messages, {rate:.0} msg/s");
+    out.push(BenchResult::new(
+        "raw ordered-consumer replay, 256 B",
+        rate,
+        "msg/s",
+        None,
+    ));
+
+    // Request/reply to a responder in this process.
+    let mut echo = c.client.subscribe("rawbench.echo").await?;
+    let responder = {
+        let client = c.client.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = echo.next().await {
+                if let Some(reply) = msg.reply {
+                    let _ = client.publish(reply, msg.payload).await;
+                }
+            }
+        })
+    };
+    c.client.flush().await?;
+    let k = if quick { 1_000 } else { 5_000 };
+    let mut rtt = Vec::with_capacity(k);
+    for _ in 0..k {
+        let t0 = Instant::now();
+        c.client.request("rawbench.echo", payload.clone()).await?;
+        rtt.push(ms(t0.elapsed()) * 1e3);
+    }
+    responder.abort();
+    for p in [50.0, 99.0] {
+        out.push(BenchResult::new(
+            &format!("raw request/reply round trip, p{p}"),
+            percentile(&rtt, p),
+            "µs",
+            None,
+        ));
+    }
+    Ok(out)
+}
+
 /// Creates `model` (`rows × dim`) through its registry actor and waits until it serves.
 pub async fn serve_model(
     client: &async_nats::Client,
@@ -887,11 +1042,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn nearest_rank_percentiles() {
+    fn hdr_percentiles_are_within_a_tenth_of_a_percent() {
         let v: Vec<f64> = (1..=20).map(f64::from).collect();
-        assert_eq!(percentile(&v, 50.0), 10.0);
-        assert_eq!(percentile(&v, 99.0), 20.0);
-        assert_eq!(percentile(&v, 0.0), 1.0);
+        let near = |a: f64, b: f64| (a - b).abs() <= b * 1e-3;
+        assert!(near(percentile(&v, 50.0), 10.0), "{}", percentile(&v, 50.0));
+        assert!(near(percentile(&v, 99.0), 20.0), "{}", percentile(&v, 99.0));
+        assert!(near(percentile(&v, 0.0), 1.0), "{}", percentile(&v, 0.0));
         assert!(percentile(&[], 50.0).is_nan());
     }
 }

@@ -7,6 +7,9 @@ use clap::Args;
 
 use crate::bench::{self, BenchReport, BenchResult};
 
+/// The groups, in the order the whole suite runs them.
+const GROUPS: [&str; 5] = ["raw", "cluster", "actors", "deltas", "gpu"];
+
 /// Arguments of `tessel bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -19,11 +22,12 @@ pub struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Run only one group: `cluster`, `actors`, `deltas` or `gpu` (the kernel benchmarks).
-    #[arg(long, value_parser = ["cluster", "actors", "deltas", "gpu"], conflicts_with = "group")]
+    /// Run only one group: `raw`, `cluster`, `actors`, `deltas` or `gpu` (the kernel
+    /// benchmarks).
+    #[arg(long, value_parser = GROUPS, conflicts_with = "group")]
     only: Option<String>,
     /// The same as `--only GROUP`: `tessel bench gpu`.
-    #[arg(value_parser = ["cluster", "actors", "deltas", "gpu"])]
+    #[arg(value_parser = GROUPS)]
     group: Option<String>,
     /// Where the temporary cluster keeps its data and logs.
     #[arg(long, default_value = ".tessel/bench")]
@@ -47,15 +51,39 @@ pub fn run(args: BenchArgs) -> ExitCode {
         std::fs::create_dir_all(&dir)?;
         let mut results = Vec::new();
         let wants = |group: &str| only.as_deref().is_none_or(|o| o == group);
+        let started = std::time::Instant::now();
+        let total = if only.is_some() { 1 } else { GROUPS.len() };
+        let mut done = 0usize;
+        let mut step = |group: &str| {
+            done += 1;
+            eprintln!(
+                "bench: [{}{}] {done}/{total} {group} (at {:.0} s)",
+                "#".repeat(done),
+                ".".repeat(total.saturating_sub(done)),
+                started.elapsed().as_secs_f64()
+            );
+        };
+        if wants("raw") {
+            step("raw NATS baselines");
+            results.extend(bench::raw(&bin, &dir.join("raw"), args.quick).await?);
+        }
         if wants("cluster") {
+            step("cluster: failover, handover, rebalance");
             results.extend(bench::cluster(&bin, &dir.join("cluster"), trials).await?);
         }
         if wants("actors") {
+            step("actors: append, replay, ask, activation");
             results.extend(bench::actors(&bin, &dir.join("actors"), args.quick).await?);
         }
         if wants("deltas") {
+            step("deltas: end to end, latency, replay, memory");
             results.extend(bench::deltas(&bin, &dir.join("deltas"), args.quick).await?);
         }
+        if only.is_none() {
+            step("gpu: table kernels against memcpy");
+        }
+        // The run's NATS data can be large; logs stay only when a figure failed.
+        let _ = std::fs::remove_dir_all(&dir);
         anyhow::Ok(BenchReport {
             machine: machine_with_devices(),
             results,
