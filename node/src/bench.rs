@@ -98,11 +98,12 @@ pub fn percentile(samples: &[f64], p: f64) -> f64 {
     if samples.is_empty() {
         return f64::NAN;
     }
-    let Ok(mut h) = hdrhistogram::Histogram::<u64>::new(3) else {
+    const MAX: u64 = 1 << 50;
+    let Ok(mut h) = hdrhistogram::Histogram::<u64>::new_with_bounds(1, MAX, 3) else {
         return f64::NAN;
     };
     for s in samples {
-        h.saturating_record((s * 1e3).round().max(0.0) as u64);
+        h.saturating_record(((s * 1e3).round().max(1.0) as u64).min(MAX));
     }
     h.value_at_quantile((p / 100.0).clamp(0.0, 1.0)) as f64 / 1e3
 }
@@ -1049,5 +1050,8 @@ mod tests {
         assert!(near(percentile(&v, 99.0), 20.0), "{}", percentile(&v, 99.0));
         assert!(near(percentile(&v, 0.0), 1.0), "{}", percentile(&v, 0.0));
         assert!(percentile(&[], 50.0).is_nan());
+        // Large values (a failover in ms, an ask in µs) keep their precision too.
+        let big: Vec<f64> = (1..=100).map(|i| 2_000.0 + f64::from(i)).collect();
+        assert!(near(percentile(&big, 50.0), 2_050.0), "{}", percentile(&big, 50.0));
     }
 }
