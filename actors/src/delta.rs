@@ -197,48 +197,61 @@ impl WordHash {
         self.n += 1;
     }
 
-    /// Absorbs words given by a function of their index, four lanes at a time.
+    /// Absorbs `words` (each `W` turned into a word by `word`): single words until the next
+    /// word is lane 0's, then four lanes per step over exact chunks (no bounds checks in the
+    /// loop), then the tail.
     #[inline(always)]
-    fn absorb(&mut self, len: usize, at: impl Fn(usize) -> u32) {
-        let mut i = 0;
-        while i < len && self.n & 3 != 0 {
-            self.word(at(i));
-            i += 1;
+    fn absorb<W: Copy>(&mut self, words: &[W], word: impl Fn(W) -> u32) {
+        let head = ((4 - (self.n & 3) as usize) & 3).min(words.len());
+        for w in &words[..head] {
+            self.word(word(*w));
         }
-        let start = i;
+        let mut chunks = words[head..].chunks_exact(4);
         let [mut a, mut b, mut c, mut d] = self.lanes;
-        while i + 4 <= len {
-            a = lane(a, at(i));
-            b = lane(b, at(i + 1));
-            c = lane(c, at(i + 2));
-            d = lane(d, at(i + 3));
-            i += 4;
+        for q in &mut chunks {
+            a = lane(a, word(q[0]));
+            b = lane(b, word(q[1]));
+            c = lane(c, word(q[2]));
+            d = lane(d, word(q[3]));
         }
         self.lanes = [a, b, c, d];
-        self.n += (i - start) as u64;
-        while i < len {
-            self.word(at(i));
-            i += 1;
+        self.n += ((words.len() - head) & !3) as u64;
+        for w in chunks.remainder() {
+            self.word(word(*w));
         }
     }
 
     /// Absorbs words.
     pub fn u32s(&mut self, words: &[u32]) {
-        self.absorb(words.len(), |i| words[i]);
+        self.absorb(words, |w| w);
     }
 
     /// Absorbs the bit patterns of floats.
     pub fn f32s(&mut self, values: &[f32]) {
-        self.absorb(values.len(), |i| values[i].to_bits());
+        self.absorb(values, f32::to_bits);
     }
 
     /// Absorbs little-endian words (a trailing partial word is ignored).
     pub fn le_bytes(&mut self, bytes: &[u8]) {
         let words = bytes.len() / 4;
-        self.absorb(words, |i| {
-            let c = &bytes[i * 4..i * 4 + 4];
-            u32::from_le_bytes([c[0], c[1], c[2], c[3]])
-        });
+        let head = ((4 - (self.n & 3) as usize) & 3).min(words);
+        let le = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        for c in bytes[..head * 4].chunks_exact(4) {
+            self.word(le(c));
+        }
+        let mut chunks = bytes[head * 4..words * 4].chunks_exact(16);
+        let [mut a, mut b, mut c, mut d] = self.lanes;
+        for q in &mut chunks {
+            a = lane(a, le(&q[0..4]));
+            b = lane(b, le(&q[4..8]));
+            c = lane(c, le(&q[8..12]));
+            d = lane(d, le(&q[12..16]));
+        }
+        self.lanes = [a, b, c, d];
+        self.n += ((words - head) & !3) as u64;
+        for w in chunks.remainder().chunks_exact(4) {
+            self.word(le(w));
+        }
     }
 
     /// The checksum.

@@ -1052,6 +1052,10 @@ mod tests {
         assert!(percentile(&[], 50.0).is_nan());
         // Large values (a failover in ms, an ask in µs) keep their precision too.
         let big: Vec<f64> = (1..=100).map(|i| 2_000.0 + f64::from(i)).collect();
-        assert!(near(percentile(&big, 50.0), 2_050.0), "{}", percentile(&big, 50.0));
+        assert!(
+            near(percentile(&big, 50.0), 2_050.0),
+            "{}",
+            percentile(&big, 50.0)
+        );
     }
 }
