@@ -744,7 +744,8 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     const BATCH: usize = 65_536;
     const IN_FLIGHT: usize = 256;
     const MODEL: &str = "bench";
-    let rows: u64 = if quick { 1 << 18 } else { 1 << 20 };
+    // Full: a 1 GiB table (4M rows × 64), the regime the memory figure is about; quick: 64 MiB.
+    let rows: u64 = if quick { 1 << 18 } else { 1 << 22 };
     let batches: usize = if quick { 16 } else { 48 };
     let probes: usize = if quick { 200 } else { 1_000 };
     c.wait_settled_on(&["n1"], LIMIT, POLL).await?;
