@@ -307,14 +307,21 @@ fn checkpoint_name(model: &str, slot: Slot, position: u64) -> String {
     format!("{model}.{}.{position:020}", slot.get())
 }
 
-/// Encodes a checkpoint: a JSON header line, then the table's f32 data (little-endian).
-pub fn encode_checkpoint(table: &Table, position: u64, chains: &HashMap<u32, u64>) -> Vec<u8> {
-    let header = json!({"v": 1, "first_row": table.rows().start, "rows": table.rows().end - table.rows().start,
-        "dim": table.dim(), "position": position, "chains": chains, "checksum": data_checksum(table.data())});
+/// Encodes a checkpoint of a slot's table (`data`, row-major, of `rows × dim`): a JSON header
+/// line, then the f32 data (little-endian).
+pub fn encode_checkpoint(
+    rows: std::ops::Range<u64>,
+    dim: usize,
+    data: &[f32],
+    position: u64,
+    chains: &HashMap<u32, u64>,
+) -> Vec<u8> {
+    let header = json!({"v": 1, "first_row": rows.start, "rows": rows.end - rows.start,
+        "dim": dim, "position": position, "chains": chains, "checksum": data_checksum(data)});
     let mut out = serde_json::to_vec(&header).unwrap_or_default();
     out.push(b'\n');
-    out.reserve(table.data().len() * 4);
-    for v in table.data() {
+    out.reserve(data.len() * 4);
+    for v in data {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out
@@ -446,13 +453,22 @@ impl SlotModel {
         (Table::zeros(range, self.dim as usize), 0, HashMap::new())
     }
 
-    async fn checkpoint(&self, table: &Table, position: u64, chains: &HashMap<u32, u64>) {
+    /// Writes a checkpoint of `table` at `position`. A table that cannot be exported (its
+    /// device was lost) writes nothing and returns the error.
+    async fn checkpoint(
+        &self,
+        table: &gpu::Table,
+        position: u64,
+        chains: &HashMap<u32, u64>,
+    ) -> Result<(), gpu::Error> {
+        let data = table.export()?;
         let name = checkpoint_name(&self.model, self.slot, position);
-        let bytes = encode_checkpoint(table, position, chains);
+        let bytes = encode_checkpoint(table.rows(), table.dim(), &data, position, chains);
+        drop(data);
         let mut reader = bytes.as_slice();
         if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
             warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
-            return;
+            return Ok(());
         }
         Metrics::inc(&self.metrics.checkpoints_total);
         // Keep the last K.
@@ -461,6 +477,7 @@ impl SlotModel {
         for old in names.into_iter().take(excess) {
             let _ = self.checkpoints.delete(&old).await;
         }
+        Ok(())
     }
 
     async fn dead_letter(&self, payload: Bytes, reason: &str) {
@@ -482,14 +499,37 @@ impl SlotModel {
 
     /// Runs on the messages of its slot (from the model's pump) until the sender is dropped:
     /// validate, apply in windows, checkpoint; a final checkpoint on the way out. `state` is
-    /// what [`SlotModel::restore`] returned.
+    /// the table (on the device of `lease`), its position and chains, as restored.
+    ///
+    /// When the device is lost (an operation returns [`gpu::Error::DeviceLost`], or the lease
+    /// says another table on the device met the loss) the slot model stops at once without a
+    /// checkpoint: the table cannot be read, and the deltas it applied since its last
+    /// checkpoint are still in the stream. Its group is then restarted elsewhere from that
+    /// checkpoint, so nothing acknowledged is lost and nothing is applied twice.
     pub async fn run(
         self,
-        state: (Table, u64, HashMap<u32, u64>),
+        state: (gpu::Table, u64, HashMap<u32, u64>),
         mut inbox: tokio::sync::mpsc::Receiver<Queued>,
-    ) {
+        lease: Arc<crate::tables::DeviceLease>,
+    ) -> SlotExit {
         let (mut table, mut position, mut chains) = state;
         let range = table.rows();
+        // Mirrors a loss reported by another table on the device into this one, so that every
+        // later operation refuses it.
+        let guard = |table: &mut gpu::Table| {
+            if lease.is_lost() {
+                table.inject_device_lost();
+            }
+        };
+        let lost = |e: &gpu::Error| {
+            warn!(model = %self.model, slot = self.slot.get(), device = %lease.id(), error = %e,
+                "table lost: stopping; the group restarts from the last checkpoint");
+            if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
+                lease.lose();
+            }
+            Metrics::inc(&self.metrics.tables_lost_total);
+            SlotExit::Lost
+        };
         let mut reads = match self
             .client
             .subscribe(read_subject(&self.cluster, &self.model, self.slot))
@@ -504,6 +544,7 @@ impl SlotModel {
         let mut since_ckpt = 0u64;
         let mut last_ckpt = Instant::now();
         let window = Duration::from_millis(self.cfg.window_ms);
+        let max_batch_rows = table.config().max_batch_rows.max(1);
         let mut open = true;
         while open {
             // Fill a window: the first message waits (reads are answered meanwhile); then what is
@@ -522,7 +563,10 @@ impl SlotModel {
                         m = inbox.recv() => m,
                         r = async { match reads.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
                             if let Some(req) = r {
-                                self.answer(&table, position, req).await;
+                                guard(&mut table);
+                                if let Err(e) = self.answer(&table, position, req).await {
+                                    return lost(&e);
+                                }
                             }
                             continue;
                         }
@@ -571,23 +615,36 @@ impl SlotModel {
                     break;
                 }
             }
+            // A lost device is noticed even by a slot without traffic (the wait above ends
+            // every `checkpoint_ms`).
+            guard(&mut table);
+            if table.is_lost() {
+                return lost(&gpu::Error::DeviceLost);
+            }
             if !batch_rows.is_empty() {
-                match table.apply(&batch_rows, &batch_values, self.cfg.apply_threads) {
-                    Ok(()) => {
-                        let subject = applied_subject(&self.cluster, &self.model);
-                        for t in traces.drain(..) {
-                            let _ = self.client.publish(subject.clone(), t).await;
-                        }
-                        self.metrics
-                            .deltas_applied_total
-                            .fetch_add(frames as u64, std::sync::atomic::Ordering::Relaxed);
-                        self.metrics.rows_applied_total.fetch_add(
-                            batch_rows.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                    }
-                    Err(e) => warn!(error = %e, "apply refused a validated window"),
+                // Within the table's staging limit per batch; all batches or none.
+                let d = table.dim();
+                let batches: Vec<(&[u32], &[f32])> = batch_rows
+                    .chunks(max_batch_rows)
+                    .zip(batch_values.chunks(max_batch_rows * d))
+                    .collect();
+                if let Err(e) = table.apply_many(&batches) {
+                    // A validated window cannot be refused for its content: the device failed,
+                    // and the window's deltas (already counted in `position`) must come again
+                    // from the stream.
+                    return lost(&e);
                 }
+                let subject = applied_subject(&self.cluster, &self.model);
+                for t in traces.drain(..) {
+                    let _ = self.client.publish(subject.clone(), t).await;
+                }
+                self.metrics
+                    .deltas_applied_total
+                    .fetch_add(frames as u64, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.rows_applied_total.fetch_add(
+                    batch_rows.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
 
             since_ckpt += frames as u64;
@@ -595,12 +652,16 @@ impl SlotModel {
                 || (since_ckpt > 0
                     && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
             if due || (!open && since_ckpt > 0) {
-                self.checkpoint(&table, position, &chains).await;
+                guard(&mut table);
+                if let Err(e) = self.checkpoint(&table, position, &chains).await {
+                    return lost(&e);
+                }
                 since_ckpt = 0;
                 last_ckpt = Instant::now();
             }
         }
         debug!(model = %self.model, slot = self.slot.get(), position, "slot model stopped");
+        SlotExit::Stopped
     }
 
     /// The model's transform of one value: scale, then clip.
@@ -678,8 +739,17 @@ impl SlotModel {
         Ok(())
     }
 
-    async fn answer(&self, table: &Table, position: u64, req: async_nats::Message) {
-        let Some(reply) = req.reply else { return };
+    /// Answers a read. A lost device is returned (no reply: the reader retries until the
+    /// rebuilt table answers); any other refusal is a `bad_request` reply.
+    async fn answer(
+        &self,
+        table: &gpu::Table,
+        position: u64,
+        req: async_nats::Message,
+    ) -> Result<(), gpu::Error> {
+        let Some(reply) = req.reply else {
+            return Ok(());
+        };
         let body = match serde_json::from_slice::<Value>(&req.payload) {
             Ok(v) => {
                 let rows: Vec<u32> = v["rows"]
@@ -696,6 +766,7 @@ impl SlotModel {
                         let out: Vec<&[f32]> = vals.chunks(d).collect();
                         json!({"ok": {"rows": out, "position": position}})
                     }
+                    Err(e @ (gpu::Error::DeviceLost | gpu::Error::Driver(_))) => return Err(e),
                     Err(e) => json!({"error": {"kind": "bad_request", "message": e.to_string()}}),
                 }
             }
@@ -705,7 +776,17 @@ impl SlotModel {
             .client
             .publish(reply, Bytes::from(body.to_string()))
             .await;
+        Ok(())
     }
+}
+
+/// How a slot model ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotExit {
+    /// Its inbox closed: it applied what it had and checkpointed.
+    Stopped,
+    /// Its table was lost with its device: it stopped without a checkpoint.
+    Lost,
 }
 
 /// Reads rows of a model from the owners of their slots.
@@ -774,13 +855,17 @@ pub struct ModelHost {
     pub cfg: SlotModelConfig,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The node's devices and what is placed on them.
+    pub devices: Arc<crate::tables::DeviceBook>,
 }
 
-/// The slot models of one model on this node, fed by one ordered consumer.
+/// The slot models of one model on this node, fed by one ordered consumer, their tables on one
+/// device.
 struct Group {
     slots: std::collections::BTreeSet<u16>,
     pump: tokio::task::JoinHandle<()>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<SlotExit>>,
+    lease: Arc<crate::tables::DeviceLease>,
 }
 
 impl ModelHost {
@@ -838,7 +923,13 @@ impl ModelHost {
         // (each restores its checkpoint): simple, and exactly once by position.
         let stale: Vec<String> = running
             .iter()
-            .filter(|(m, g)| want.get(*m).is_none_or(|w| w.2 != g.slots) || g.pump.is_finished())
+            .filter(|(m, g)| {
+                want.get(*m).is_none_or(|w| w.2 != g.slots)
+                    || g.pump.is_finished()
+                    // A lost device (or a slot model that stopped on one): rebuild elsewhere.
+                    || g.lease.is_lost()
+                    || g.tasks.iter().any(|t| t.is_finished())
+            })
             .map(|(m, _)| m.clone())
             .collect();
         for m in stale {
@@ -896,12 +987,13 @@ impl ModelHost {
         }
         let states = futures::future::join_all(models.iter().map(|m| m.restore())).await;
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
+        let (lease, states) = self.place_tables(model, dim, states)?;
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<Queued>> = HashMap::new();
         let mut tasks = Vec::new();
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
-            tasks.push(tokio::spawn(m.run(state, rx)));
+            tasks.push(tokio::spawn(m.run(state, rx, lease.clone())));
         }
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
@@ -950,12 +1042,79 @@ impl ModelHost {
             }
             // Dropping the senders lets each slot model apply, checkpoint and stop.
         });
-        info!(%model, slots = slots.len(), from = start, "serving the model's slots");
+        info!(%model, slots = slots.len(), from = start, device = %lease.id(), "serving the model's slots");
         Ok(Group {
             slots: slots.clone(),
             pump,
             tasks,
+            lease,
         })
+    }
+
+    /// Moves a model's restored slot tables (CPU twins) onto the device chosen for them: the
+    /// requirements are the model's rows on this node × dim × 4 bytes, counted against what
+    /// the node's other models hold. When the chosen device cannot allocate, or nothing fits
+    /// by the book, the tables stay on the CPU twin (which refuses only what host memory cannot
+    /// hold).
+    #[allow(clippy::type_complexity)]
+    fn place_tables(
+        &self,
+        model: &str,
+        dim: u32,
+        states: Vec<(Table, u64, HashMap<u32, u64>)>,
+    ) -> anyhow::Result<(
+        Arc<crate::tables::DeviceLease>,
+        Vec<(gpu::Table, u64, HashMap<u32, u64>)>,
+    )> {
+        let rows: u64 = states
+            .iter()
+            .map(|s| s.0.rows().end - s.0.rows().start)
+            .sum();
+        let req = gpu::Requirements::for_table(rows, u64::from(dim), gpu::Dtype::F32);
+        let table_cfg = gpu::TableConfig {
+            cpu_threads: self.cfg.apply_threads.max(1),
+            ..gpu::TableConfig::default()
+        };
+        let lease = match self.devices.place(&req) {
+            Ok(lease) => lease,
+            Err(e) => {
+                warn!(%model, error = %e, "no device fits by the book; trying the CPU twin");
+                self.devices.place_on_cpu(req.table_bytes)?
+            }
+        };
+        let build = |lease: &crate::tables::DeviceLease,
+                     states: &[(Table, u64, HashMap<u32, u64>)]|
+         -> Result<Vec<gpu::Table>, gpu::Error> {
+            states
+                .iter()
+                .map(|(cpu, _, _)| {
+                    let mut t =
+                        gpu::Table::create(lease.device(), cpu.rows(), cpu.dim(), table_cfg)?;
+                    t.load(cpu.data())?;
+                    Ok(t)
+                })
+                .collect()
+        };
+        let (lease, tables) = match build(&lease, &states) {
+            Ok(tables) => (lease, tables),
+            Err(e) if lease.device().kind != gpu::DeviceKind::Cpu => {
+                warn!(%model, device = %lease.id(), error = %e, "cannot place the tables; using the CPU twin");
+                if matches!(e, gpu::Error::DeviceLost) {
+                    lease.lose();
+                }
+                drop(lease);
+                let cpu = self.devices.place_on_cpu(req.table_bytes)?;
+                let tables = build(&cpu, &states)?;
+                (cpu, tables)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let live = tables
+            .into_iter()
+            .zip(states)
+            .map(|(t, (_, position, chains))| (t, position, chains))
+            .collect();
+        Ok((Arc::new(lease), live))
     }
 }
 
