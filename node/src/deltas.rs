@@ -56,6 +56,9 @@ pub fn checkpoints_bucket(cluster: &str) -> String {
     format!("{cluster}-checkpoints")
 }
 
+/// Checkpoints a starting group reads at a time.
+const RESTORE_CONCURRENCY: usize = 16;
+
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
 
@@ -455,11 +458,15 @@ impl SlotModel {
 
     /// Writes a checkpoint of `table` at `position`. A table that cannot be exported (its
     /// device was lost) writes nothing and returns the error.
+    /// `kept` is the slot's checkpoints, oldest first (as listed when the slot was restored),
+    /// kept up to date here: a checkpoint costs a put and a delete, not a listing of every
+    /// checkpoint of the model (each listing is a server-side consumer).
     async fn checkpoint(
         &self,
         table: &gpu::Table,
         position: u64,
         chains: &HashMap<u32, u64>,
+        kept: &mut std::collections::VecDeque<String>,
     ) -> Result<(), gpu::Error> {
         let data = table.export()?;
         let name = checkpoint_name(&self.model, self.slot, position);
@@ -472,10 +479,13 @@ impl SlotModel {
         }
         Metrics::inc(&self.metrics.checkpoints_total);
         // Keep the last K.
-        let names: Vec<String> = self.own(&self.checkpoint_names().await).cloned().collect();
-        let excess = names.len().saturating_sub(self.cfg.keep_checkpoints);
-        for old in names.into_iter().take(excess) {
-            let _ = self.checkpoints.delete(&old).await;
+        if kept.back() != Some(&name) {
+            kept.push_back(name);
+        }
+        while kept.len() > self.cfg.keep_checkpoints.max(1) {
+            if let Some(old) = kept.pop_front() {
+                let _ = self.checkpoints.delete(&old).await;
+            }
         }
         Ok(())
     }
@@ -499,7 +509,8 @@ impl SlotModel {
 
     /// Runs on the messages of its slot (from the model's pump) until the sender is dropped:
     /// validate, apply in windows, checkpoint; a final checkpoint on the way out. `state` is
-    /// the table (on the device of `lease`), its position and chains, as restored.
+    /// the table (on the device of `lease`), its position and chains, as restored; `kept` the
+    /// slot's checkpoints, oldest first.
     ///
     /// When the device is lost (an operation returns [`gpu::Error::DeviceLost`], or the lease
     /// says another table on the device met the loss) the slot model stops at once without a
@@ -511,6 +522,7 @@ impl SlotModel {
         state: (gpu::Table, u64, HashMap<u32, u64>),
         mut inbox: tokio::sync::mpsc::Receiver<Queued>,
         lease: Arc<crate::tables::DeviceLease>,
+        mut kept: std::collections::VecDeque<String>,
     ) -> SlotExit {
         let (mut table, mut position, mut chains) = state;
         let range = table.rows();
@@ -522,7 +534,8 @@ impl SlotModel {
             }
         };
         let lost = |e: &gpu::Error| {
-            warn!(model = %self.model, slot = self.slot.get(), device = %lease.id(), error = %e,
+            // One line per slot at debug; the loss itself is logged once, by the device book.
+            debug!(model = %self.model, slot = self.slot.get(), device = %lease.id(), error = %e,
                 "table lost: stopping; the group restarts from the last checkpoint");
             if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
                 lease.lose();
@@ -653,7 +666,7 @@ impl SlotModel {
                     && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
             if due || (!open && since_ckpt > 0) {
                 guard(&mut table);
-                if let Err(e) = self.checkpoint(&table, position, &chains).await {
+                if let Err(e) = self.checkpoint(&table, position, &chains, &mut kept).await {
                     return lost(&e);
                 }
                 since_ckpt = 0;
@@ -934,6 +947,9 @@ impl ModelHost {
             .collect();
         for m in stale {
             if let Some(g) = running.remove(&m) {
+                if g.lease.is_lost() {
+                    warn!(model = %m, device = %g.lease.id(), "tables lost with their device: restarting the model's slots from checkpoints");
+                }
                 g.pump.abort();
                 for t in g.tasks {
                     let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
@@ -985,7 +1001,18 @@ impl ModelHost {
                 metrics: self.metrics.clone(),
             });
         }
-        let states = futures::future::join_all(models.iter().map(|m| m.restore())).await;
+        // One listing for the group, and a bounded number of checkpoint reads at a time: each
+        // is a server-side consumer, and the server limits them.
+        let names = match models.first() {
+            Some(m) => m.checkpoint_names().await,
+            None => Vec::new(),
+        };
+        let mut states = Vec::with_capacity(models.len());
+        for chunk in models.chunks(RESTORE_CONCURRENCY) {
+            let restored =
+                futures::future::join_all(chunk.iter().map(|m| m.restore_from(&names, u64::MAX)));
+            states.extend(restored.await);
+        }
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
         let (lease, states) = self.place_tables(model, dim, states)?;
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<Queued>> = HashMap::new();
@@ -993,7 +1020,8 @@ impl ModelHost {
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
-            tasks.push(tokio::spawn(m.run(state, rx, lease.clone())));
+            let kept = m.own(&names).cloned().collect();
+            tasks.push(tokio::spawn(m.run(state, rx, lease.clone(), kept)));
         }
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
