@@ -1079,11 +1079,8 @@ impl ModelHost {
         })
     }
 
-    /// Moves a model's restored slot tables (CPU twins) onto the device chosen for them: the
-    /// requirements are the model's rows on this node × dim × 4 bytes, counted against what
-    /// the node's other models hold. When the chosen device cannot allocate, or nothing fits
-    /// by the book, the tables stay on the CPU twin (which refuses only what host memory cannot
-    /// hold).
+    /// Moves a model's restored slot tables (CPU twins) onto the device chosen for them (see
+    /// [`crate::tables::load_tables`]), keeping each slot's position and chains.
     #[allow(clippy::type_complexity)]
     fn place_tables(
         &self,
@@ -1094,49 +1091,13 @@ impl ModelHost {
         Arc<crate::tables::DeviceLease>,
         Vec<(gpu::Table, u64, HashMap<u32, u64>)>,
     )> {
-        let rows: u64 = states
-            .iter()
-            .map(|s| s.0.rows().end - s.0.rows().start)
-            .sum();
-        let req = gpu::Requirements::for_table(rows, u64::from(dim), gpu::Dtype::F32);
         let table_cfg = gpu::TableConfig {
             cpu_threads: self.cfg.apply_threads.max(1),
             ..gpu::TableConfig::default()
         };
-        let lease = match self.devices.place(&req) {
-            Ok(lease) => lease,
-            Err(e) => {
-                warn!(%model, error = %e, "no device fits by the book; trying the CPU twin");
-                self.devices.place_on_cpu(req.table_bytes)?
-            }
-        };
-        let build = |lease: &crate::tables::DeviceLease,
-                     states: &[(Table, u64, HashMap<u32, u64>)]|
-         -> Result<Vec<gpu::Table>, gpu::Error> {
-            states
-                .iter()
-                .map(|(cpu, _, _)| {
-                    let mut t =
-                        gpu::Table::create(lease.device(), cpu.rows(), cpu.dim(), table_cfg)?;
-                    t.load(cpu.data())?;
-                    Ok(t)
-                })
-                .collect()
-        };
-        let (lease, tables) = match build(&lease, &states) {
-            Ok(tables) => (lease, tables),
-            Err(e) if lease.device().kind != gpu::DeviceKind::Cpu => {
-                warn!(%model, device = %lease.id(), error = %e, "cannot place the tables; using the CPU twin");
-                if matches!(e, gpu::Error::DeviceLost) {
-                    lease.lose();
-                }
-                drop(lease);
-                let cpu = self.devices.place_on_cpu(req.table_bytes)?;
-                let tables = build(&cpu, &states)?;
-                (cpu, tables)
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let cpu: Vec<&Table> = states.iter().map(|s| &s.0).collect();
+        let (lease, tables) =
+            crate::tables::load_tables(&self.devices, model, dim as usize, &cpu, table_cfg)?;
         let live = tables
             .into_iter()
             .zip(states)

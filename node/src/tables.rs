@@ -240,6 +240,52 @@ impl Drop for DeviceLease {
     }
 }
 
+/// Puts a model's slot tables on this node (restored as CPU twins, all of `dim` columns) on one
+/// device: the one the book chooses for their rows × dim × 4 bytes, counted against what the
+/// node's other models hold. When the chosen device cannot allocate or load them, or nothing
+/// fits by the book, they go to the CPU twin, which refuses only what host memory cannot hold.
+pub fn load_tables(
+    book: &Arc<DeviceBook>,
+    model: &str,
+    dim: usize,
+    restored: &[&gpu::cpu::Table],
+    config: gpu::TableConfig,
+) -> anyhow::Result<(DeviceLease, Vec<gpu::Table>)> {
+    let rows: u64 = restored.iter().map(|t| t.rows().end - t.rows().start).sum();
+    let req = Requirements::for_table(rows, dim as u64, gpu::Dtype::F32);
+    let lease = match book.place(&req) {
+        Ok(lease) => lease,
+        Err(e) => {
+            warn!(%model, error = %e, "no device fits by the book; trying the CPU twin");
+            book.place_on_cpu(req.table_bytes)?
+        }
+    };
+    let build = |lease: &DeviceLease| -> Result<Vec<gpu::Table>, gpu::Error> {
+        restored
+            .iter()
+            .map(|cpu| {
+                let mut t = gpu::Table::create(lease.device(), cpu.rows(), cpu.dim(), config)?;
+                t.load(cpu.data())?;
+                Ok(t)
+            })
+            .collect()
+    };
+    match build(&lease) {
+        Ok(tables) => Ok((lease, tables)),
+        Err(e) if lease.device().kind != DeviceKind::Cpu => {
+            warn!(%model, device = %lease.id(), error = %e, "cannot place the tables; using the CPU twin");
+            if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
+                lease.lose();
+            }
+            drop(lease);
+            let cpu = book.place_on_cpu(req.table_bytes)?;
+            let tables = build(&cpu)?;
+            Ok((cpu, tables))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The fault subject of a node: `<c>.admin.<node>.fault`.
 pub fn fault_subject(cluster: &str, node: &str) -> String {
     format!("{cluster}.admin.{node}.fault")
@@ -438,6 +484,26 @@ mod tests {
         let new = b.place(&req(10)).unwrap();
         assert_eq!(new.id(), "cpu:0");
         assert!(!new.is_lost());
+    }
+
+    #[test]
+    fn tables_load_on_the_cpu_twin_when_the_chosen_device_cannot_hold_them() {
+        // A CUDA device this process cannot use (no driver, feature off, or no such ordinal):
+        // the book chooses it, the allocation fails, and the CPU twin takes the tables.
+        let b = book(vec![gpu::cpu_device(), dev(DeviceKind::Cuda, 99, 1 << 30)]);
+        let mut a = gpu::cpu::Table::zeros(0..2, 3);
+        a.load(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        let mut c = gpu::cpu::Table::zeros(2..3, 3);
+        c.load(&[7.0, 8.0, 9.0]);
+        let cfg = gpu::TableConfig::default();
+        let (lease, tables) = load_tables(&b, "m", 3, &[&a, &c], cfg).unwrap();
+        assert_eq!(lease.id(), "cpu:0");
+        assert_eq!(b.assigned(), vec![36, 0]);
+        assert_eq!(tables[0].export().unwrap(), a.data());
+        assert_eq!(tables[1].export().unwrap(), c.data());
+        assert_eq!(tables[1].rows(), 2..3);
+        drop(lease);
+        assert_eq!(b.assigned(), vec![0, 0]);
     }
 
     #[test]
