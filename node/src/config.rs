@@ -75,8 +75,10 @@ pub struct NodeConfig {
     pub node_id: String,
     /// Address of the HTTP status endpoint, if any (e.g. `127.0.0.1:8080`).
     pub http: Option<String>,
-    /// This node's capacity weight for placement (1..=1,000,000).
-    pub capacity: u64,
+    /// This node's capacity weight for placement (1..=1,000,000). Unset: derived from device
+    /// memory (whole GiB of the largest CUDA device, else of host memory; see
+    /// [`crate::tables::default_weight`]).
+    pub capacity: Option<u64>,
     /// Lease TTL (whole seconds, ≥ 1 s: NATS message TTLs).
     pub lease_ttl_ms: u64,
     /// How often the leader renews (at most a third of the TTL).
@@ -148,6 +150,9 @@ pub struct NodeConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Log line format.
     pub log_format: LogFormat,
+    /// Serve the fault switch (`<c>.admin.<node>.fault`: mark a device lost). Tests only;
+    /// off in production.
+    pub fault_injection: bool,
 }
 
 impl Default for NodeConfig {
@@ -158,7 +163,7 @@ impl Default for NodeConfig {
             nats_urls: vec!["nats://127.0.0.1:4222".into()],
             node_id: String::new(),
             http: None,
-            capacity: 1,
+            capacity: None,
             lease_ttl_ms: core.lease_ttl_ms,
             lease_renew_interval_ms: core.lease_renew_interval_ms,
             lease_margin_ms: core.lease_margin_ms,
@@ -194,6 +199,7 @@ impl Default for NodeConfig {
             tls_cert_file: None,
             tls_key_file: None,
             log_format: LogFormat::Text,
+            fault_injection: false,
         }
     }
 }
@@ -256,7 +262,6 @@ impl NodeConfig {
             )*};
         }
         env_num!(
-            capacity,
             lease_ttl_ms,
             lease_renew_interval_ms,
             lease_margin_ms,
@@ -283,8 +288,12 @@ impl NodeConfig {
             delta_max_abs,
             checkpoint_every_frames,
             checkpoint_interval_ms,
-            checkpoints_kept
+            checkpoints_kept,
+            fault_injection
         );
+        if let Some(v) = get("TESSEL_CAPACITY") {
+            self.capacity = Some(num("TESSEL_CAPACITY", &v)?);
+        }
         if let Some(v) = get("TESSEL_CLUSTER") {
             self.cluster = v;
         }
@@ -354,13 +363,23 @@ impl NodeConfig {
         }
     }
 
-    /// Checks every rule; the message names the field and the rule.
+    /// The placement weight: `capacity` when set, else derived from `devices` (see
+    /// [`crate::tables::default_weight`]).
+    pub fn weight(&self, devices: &[gpu::Device]) -> Result<Weight, ConfigError> {
+        match self.capacity {
+            Some(c) => Weight::new(c).map_err(|e| ConfigError::Invalid(format!("capacity: {e}"))),
+            None => Ok(crate::tables::default_weight(devices)),
+        }
+    }
+
+    /// Checks every rule; the message names the field and the rule. The weight returned is
+    /// `capacity`, or 1 when it is unset (the node derives it from its devices with
+    /// [`NodeConfig::weight`]).
     pub fn validate(&self) -> Result<(NodeId, Weight), ConfigError> {
         validate_cluster_name(&self.cluster)?;
         let id = NodeId::new(&self.node_id)
             .map_err(|e| ConfigError::Invalid(format!("node_id {:?}: {e}", self.node_id)))?;
-        let weight = Weight::new(self.capacity)
-            .map_err(|e| ConfigError::Invalid(format!("capacity: {e}")))?;
+        let weight = self.weight(&[])?;
         self.core()
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -536,7 +555,7 @@ mod tests {
             ),
             (
                 NodeConfig {
-                    capacity: 0,
+                    capacity: Some(0),
                     ..valid()
                 },
                 "capacity",
@@ -601,5 +620,35 @@ mod tests {
         assert_eq!(cfg.lease_ttl_ms, 4_000);
         let err = cfg.apply_env(|k| (k == "TESSEL_REPLICAS").then(|| "three".to_string()));
         assert!(matches!(err, Err(ConfigError::Env { .. })));
+        let mut cfg = valid();
+        assert_eq!((cfg.capacity, cfg.fault_injection), (None, false));
+        cfg.apply_env(|k| match k {
+            "TESSEL_CAPACITY" => Some("7".into()),
+            "TESSEL_FAULT_INJECTION" => Some("true".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((cfg.capacity, cfg.fault_injection), (Some(7), true));
+        let err = cfg.apply_env(|k| (k == "TESSEL_FAULT_INJECTION").then(|| "yes".to_string()));
+        assert!(matches!(err, Err(ConfigError::Env { .. })));
+    }
+
+    #[test]
+    fn an_unset_capacity_comes_from_device_memory() {
+        let host = gpu::Device {
+            kind: gpu::DeviceKind::Cpu,
+            ordinal: 0,
+            name: "cpu".into(),
+            memory_total_bytes: 16 << 30,
+            memory_free_bytes: 8 << 30,
+            compute_capability: None,
+        };
+        let cfg = valid();
+        assert_eq!(cfg.weight(std::slice::from_ref(&host)).unwrap().get(), 16);
+        let set = NodeConfig {
+            capacity: Some(3),
+            ..valid()
+        };
+        assert_eq!(set.weight(&[host]).unwrap().get(), 3);
     }
 }

@@ -56,6 +56,9 @@ pub fn checkpoints_bucket(cluster: &str) -> String {
     format!("{cluster}-checkpoints")
 }
 
+/// Checkpoints a starting group reads at a time.
+const RESTORE_CONCURRENCY: usize = 16;
+
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
 
@@ -322,14 +325,21 @@ fn checkpoint_name(model: &str, slot: Slot, position: u64) -> String {
     format!("{model}.{}.{position:020}", slot.get())
 }
 
-/// Encodes a checkpoint: a JSON header line, then the table's f32 data (little-endian).
-pub fn encode_checkpoint(table: &Table, position: u64, chains: &HashMap<u32, u64>) -> Vec<u8> {
-    let header = json!({"v": 1, "first_row": table.rows().start, "rows": table.rows().end - table.rows().start,
-        "dim": table.dim(), "position": position, "chains": chains, "checksum": data_checksum(table.data())});
+/// Encodes a checkpoint of a slot's table (`data`, row-major, of `rows × dim`): a JSON header
+/// line, then the f32 data (little-endian).
+pub fn encode_checkpoint(
+    rows: std::ops::Range<u64>,
+    dim: usize,
+    data: &[f32],
+    position: u64,
+    chains: &HashMap<u32, u64>,
+) -> Vec<u8> {
+    let header = json!({"v": 1, "first_row": rows.start, "rows": rows.end - rows.start,
+        "dim": dim, "position": position, "chains": chains, "checksum": data_checksum(data)});
     let mut out = serde_json::to_vec(&header).unwrap_or_default();
     out.push(b'\n');
-    out.reserve(table.data().len() * 4);
-    for v in table.data() {
+    out.reserve(data.len() * 4);
+    for v in data {
         out.extend_from_slice(&v.to_le_bytes());
     }
     out
@@ -600,7 +610,7 @@ impl SlotModel {
         )
     }
 
-    /// Writes a checkpoint; true when it was stored.
+    /// Writes a checkpoint of a host table (a branch's fork state); true when it was stored.
     async fn put_checkpoint(
         &self,
         table: &Table,
@@ -608,7 +618,7 @@ impl SlotModel {
         chains: &HashMap<u32, u64>,
     ) -> bool {
         let name = checkpoint_name(&self.model, self.slot, position);
-        let bytes = encode_checkpoint(table, position, chains);
+        let bytes = encode_checkpoint(table.rows(), table.dim(), table.data(), position, chains);
         let mut reader = bytes.as_slice();
         if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
             warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
@@ -618,28 +628,38 @@ impl SlotModel {
         true
     }
 
-    /// Writes a checkpoint and deletes the oldest of `kept` (the slot's checkpoints, oldest
-    /// first) beyond the last K. Tracking them here rather than listing the bucket saves a
-    /// consumer per checkpoint.
+    /// Writes a checkpoint of `table` at `position`. A table that cannot be exported (its
+    /// device was lost) writes nothing and returns the error.
+    /// `kept` is the slot's checkpoints, oldest first (as listed when the slot was restored),
+    /// kept up to date here: a checkpoint costs a put and a delete, not a listing of every
+    /// checkpoint of the model (each listing is a server-side consumer).
     async fn checkpoint(
         &self,
-        table: &Table,
+        table: &gpu::Table,
         position: u64,
         chains: &HashMap<u32, u64>,
         kept: &mut std::collections::VecDeque<String>,
-    ) {
-        if !self.put_checkpoint(table, position, chains).await {
-            return;
-        }
+    ) -> Result<(), gpu::Error> {
+        let data = table.export()?;
         let name = checkpoint_name(&self.model, self.slot, position);
+        let bytes = encode_checkpoint(table.rows(), table.dim(), &data, position, chains);
+        drop(data);
+        let mut reader = bytes.as_slice();
+        if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
+            warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
+            return Ok(());
+        }
+        Metrics::inc(&self.metrics.checkpoints_total);
+        // Keep the last K.
         if kept.back() != Some(&name) {
             kept.push_back(name);
         }
-        while kept.len() > self.cfg.keep_checkpoints {
+        while kept.len() > self.cfg.keep_checkpoints.max(1) {
             if let Some(old) = kept.pop_front() {
                 let _ = self.checkpoints.delete(&old).await;
             }
         }
+        Ok(())
     }
 
     async fn dead_letter(&self, payload: Bytes, reason: &str) {
@@ -661,17 +681,40 @@ impl SlotModel {
 
     /// Runs on the messages of its slot (from the model's pump) until the sender is dropped:
     /// validate, apply in windows, checkpoint; a final checkpoint on the way out. `state` is
-    /// what [`SlotModel::restore`] returned; `kept` the slot's checkpoints in the bucket,
-    /// oldest first.
+    /// the table (on the device of `lease`), its position and chains, as restored; `kept` the
+    /// slot's checkpoints, oldest first.
+    ///
+    /// When the device is lost (an operation returns [`gpu::Error::DeviceLost`], or the lease
+    /// says another table on the device met the loss) the slot model stops at once without a
+    /// checkpoint: the table cannot be read, and the deltas it applied since its last
+    /// checkpoint are still in the stream. Its group is then restarted elsewhere from that
+    /// checkpoint, so nothing acknowledged is lost and nothing is applied twice.
     pub async fn run(
         self,
-        state: SlotState,
-        kept: Vec<String>,
+        state: (gpu::Table, u64, HashMap<u32, u64>),
         mut inbox: tokio::sync::mpsc::Receiver<Queued>,
-    ) {
+        lease: Arc<crate::tables::DeviceLease>,
+        mut kept: std::collections::VecDeque<String>,
+    ) -> SlotExit {
         let (mut table, mut position, mut chains) = state;
-        let mut kept: std::collections::VecDeque<String> = kept.into();
         let range = table.rows();
+        // Mirrors a loss reported by another table on the device into this one, so that every
+        // later operation refuses it.
+        let guard = |table: &mut gpu::Table| {
+            if lease.is_lost() {
+                table.inject_device_lost();
+            }
+        };
+        let lost = |e: &gpu::Error| {
+            // One line per slot at debug; the loss itself is logged once, by the device book.
+            debug!(model = %self.model, slot = self.slot.get(), device = %lease.id(), error = %e,
+                "table lost: stopping; the group restarts from the last checkpoint");
+            if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
+                lease.lose();
+            }
+            Metrics::inc(&self.metrics.tables_lost_total);
+            SlotExit::Lost
+        };
         let mut reads = match self
             .client
             .subscribe(read_subject(&self.cluster, &self.model, self.slot))
@@ -686,6 +729,7 @@ impl SlotModel {
         let mut since_ckpt = 0u64;
         let mut last_ckpt = Instant::now();
         let window = Duration::from_millis(self.cfg.window_ms);
+        let max_batch_rows = table.config().max_batch_rows.max(1);
         let mut open = true;
         while open {
             // Fill a window: the first message waits (reads are answered meanwhile); then what is
@@ -704,7 +748,10 @@ impl SlotModel {
                         m = inbox.recv() => m,
                         r = async { match reads.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
                             if let Some(req) = r {
-                                self.answer(&table, position, req).await;
+                                guard(&mut table);
+                                if let Err(e) = self.answer(&table, position, req).await {
+                                    return lost(&e);
+                                }
                             }
                             continue;
                         }
@@ -753,23 +800,36 @@ impl SlotModel {
                     break;
                 }
             }
+            // A lost device is noticed even by a slot without traffic (the wait above ends
+            // every `checkpoint_ms`).
+            guard(&mut table);
+            if table.is_lost() {
+                return lost(&gpu::Error::DeviceLost);
+            }
             if !batch_rows.is_empty() {
-                match table.apply(&batch_rows, &batch_values, self.cfg.apply_threads) {
-                    Ok(()) => {
-                        let subject = applied_subject(&self.cluster, &self.model);
-                        for t in traces.drain(..) {
-                            let _ = self.client.publish(subject.clone(), t).await;
-                        }
-                        self.metrics
-                            .deltas_applied_total
-                            .fetch_add(frames as u64, std::sync::atomic::Ordering::Relaxed);
-                        self.metrics.rows_applied_total.fetch_add(
-                            batch_rows.len() as u64,
-                            std::sync::atomic::Ordering::Relaxed,
-                        );
-                    }
-                    Err(e) => warn!(error = %e, "apply refused a validated window"),
+                // Within the table's staging limit per batch; all batches or none.
+                let d = table.dim();
+                let batches: Vec<(&[u32], &[f32])> = batch_rows
+                    .chunks(max_batch_rows)
+                    .zip(batch_values.chunks(max_batch_rows * d))
+                    .collect();
+                if let Err(e) = table.apply_many(&batches) {
+                    // A validated window cannot be refused for its content: the device failed,
+                    // and the window's deltas (already counted in `position`) must come again
+                    // from the stream.
+                    return lost(&e);
                 }
+                let subject = applied_subject(&self.cluster, &self.model);
+                for t in traces.drain(..) {
+                    let _ = self.client.publish(subject.clone(), t).await;
+                }
+                self.metrics
+                    .deltas_applied_total
+                    .fetch_add(frames as u64, std::sync::atomic::Ordering::Relaxed);
+                self.metrics.rows_applied_total.fetch_add(
+                    batch_rows.len() as u64,
+                    std::sync::atomic::Ordering::Relaxed,
+                );
             }
 
             since_ckpt += frames as u64;
@@ -777,12 +837,16 @@ impl SlotModel {
                 || (since_ckpt > 0
                     && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
             if due || (!open && since_ckpt > 0) {
-                self.checkpoint(&table, position, &chains, &mut kept).await;
+                guard(&mut table);
+                if let Err(e) = self.checkpoint(&table, position, &chains, &mut kept).await {
+                    return lost(&e);
+                }
                 since_ckpt = 0;
                 last_ckpt = Instant::now();
             }
         }
         debug!(model = %self.model, slot = self.slot.get(), position, "slot model stopped");
+        SlotExit::Stopped
     }
 
     /// The model's transform of one value: scale, then clip.
@@ -860,8 +924,17 @@ impl SlotModel {
         Ok(f)
     }
 
-    async fn answer(&self, table: &Table, position: u64, req: async_nats::Message) {
-        let Some(reply) = req.reply else { return };
+    /// Answers a read. A lost device is returned (no reply: the reader retries until the
+    /// rebuilt table answers); any other refusal is a `bad_request` reply.
+    async fn answer(
+        &self,
+        table: &gpu::Table,
+        position: u64,
+        req: async_nats::Message,
+    ) -> Result<(), gpu::Error> {
+        let Some(reply) = req.reply else {
+            return Ok(());
+        };
         let body = match serde_json::from_slice::<Value>(&req.payload) {
             Ok(v) => {
                 let rows: Vec<u32> = v["rows"]
@@ -878,6 +951,7 @@ impl SlotModel {
                         let out: Vec<&[f32]> = vals.chunks(d).collect();
                         json!({"ok": {"rows": out, "position": position}})
                     }
+                    Err(e @ (gpu::Error::DeviceLost | gpu::Error::Driver(_))) => return Err(e),
                     Err(e) => json!({"error": {"kind": "bad_request", "message": e.to_string()}}),
                 }
             }
@@ -887,7 +961,17 @@ impl SlotModel {
             .client
             .publish(reply, Bytes::from(body.to_string()))
             .await;
+        Ok(())
     }
+}
+
+/// How a slot model ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotExit {
+    /// Its inbox closed: it applied what it had and checkpointed.
+    Stopped,
+    /// Its table was lost with its device: it stopped without a checkpoint.
+    Lost,
 }
 
 /// Reads rows of a model from the owners of their slots.
@@ -956,13 +1040,17 @@ pub struct ModelHost {
     pub cfg: SlotModelConfig,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// The node's devices and what is placed on them.
+    pub devices: Arc<crate::tables::DeviceBook>,
 }
 
-/// The slot models of one model on this node, fed by one ordered consumer.
+/// The slot models of one model on this node, fed by one ordered consumer, their tables on one
+/// device.
 struct Group {
     slots: std::collections::BTreeSet<u16>,
     pump: tokio::task::JoinHandle<()>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<SlotExit>>,
+    lease: Arc<crate::tables::DeviceLease>,
 }
 
 impl ModelHost {
@@ -1018,11 +1106,20 @@ impl ModelHost {
         // (each restores its checkpoint): simple, and exactly once by position.
         let stale: Vec<String> = running
             .iter()
-            .filter(|(m, g)| want.get(*m).is_none_or(|w| w.2 != g.slots) || g.pump.is_finished())
+            .filter(|(m, g)| {
+                want.get(*m).is_none_or(|w| w.2 != g.slots)
+                    || g.pump.is_finished()
+                    // A lost device (or a slot model that stopped on one): rebuild elsewhere.
+                    || g.lease.is_lost()
+                    || g.tasks.iter().any(|t| t.is_finished())
+            })
             .map(|(m, _)| m.clone())
             .collect();
         for m in stale {
             if let Some(g) = running.remove(&m) {
+                if g.lease.is_lost() {
+                    warn!(model = %m, device = %g.lease.id(), "tables lost with their device: restarting the model's slots from checkpoints");
+                }
                 g.pump.abort();
                 for t in g.tasks {
                     let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
@@ -1088,14 +1185,18 @@ impl ModelHost {
                 metrics: self.metrics.clone(),
             });
         }
-        // One listing of the bucket for all the slots (each listing is a consumer).
+        // One listing for the group, and a bounded number of checkpoint reads at a time: each
+        // is a server-side consumer, and the server limits them.
         let names = match models.first() {
             Some(m) => m.checkpoint_names().await,
             None => Vec::new(),
         };
-        let restored =
-            futures::future::join_all(models.iter().map(|m| m.restore_from(&names, u64::MAX)))
-                .await;
+        let mut restored = Vec::with_capacity(models.len());
+        for chunk in models.chunks(RESTORE_CONCURRENCY) {
+            let some =
+                futures::future::join_all(chunk.iter().map(|m| m.restore_from(&names, u64::MAX)));
+            restored.extend(some.await);
+        }
         let missing: std::collections::BTreeSet<u16> = models
             .iter()
             .zip(&restored)
@@ -1141,13 +1242,14 @@ impl ModelHost {
         names.extend(forked_names);
         names.sort();
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
+        let (lease, states) = self.place_tables(model, dim, states)?;
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<Queued>> = HashMap::new();
         let mut tasks = Vec::new();
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
-            let kept: Vec<String> = m.own(&names).cloned().collect();
-            tasks.push(tokio::spawn(m.run(state, kept, rx)));
+            let kept = m.own(&names).cloned().collect();
+            tasks.push(tokio::spawn(m.run(state, rx, lease.clone(), kept)));
         }
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
@@ -1196,12 +1298,40 @@ impl ModelHost {
             }
             // Dropping the senders lets each slot model apply, checkpoint and stop.
         });
-        info!(%model, slots = slots.len(), from = start, "serving the model's slots");
+        info!(%model, slots = slots.len(), from_checkpoints = slots.len() - missing.len(), from = start, device = %lease.id(), "serving the model's slots");
         Ok(Group {
             slots: slots.clone(),
             pump,
             tasks,
+            lease,
         })
+    }
+
+    /// Moves a model's restored slot tables (CPU twins) onto the device chosen for them (see
+    /// [`crate::tables::load_tables`]), keeping each slot's position and chains.
+    #[allow(clippy::type_complexity)]
+    fn place_tables(
+        &self,
+        model: &str,
+        dim: u32,
+        states: Vec<(Table, u64, HashMap<u32, u64>)>,
+    ) -> anyhow::Result<(
+        Arc<crate::tables::DeviceLease>,
+        Vec<(gpu::Table, u64, HashMap<u32, u64>)>,
+    )> {
+        let table_cfg = gpu::TableConfig {
+            cpu_threads: self.cfg.apply_threads.max(1),
+            ..gpu::TableConfig::default()
+        };
+        let cpu: Vec<&Table> = states.iter().map(|s| &s.0).collect();
+        let (lease, tables) =
+            crate::tables::load_tables(&self.devices, model, dim as usize, &cpu, table_cfg)?;
+        let live = tables
+            .into_iter()
+            .zip(states)
+            .map(|(t, (_, position, chains))| (t, position, chains))
+            .collect();
+        Ok((Arc::new(lease), live))
     }
 }
 

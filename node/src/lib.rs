@@ -26,4 +26,5 @@ pub mod runtime;
 pub mod saga;
 pub mod status;
 pub mod store;
+pub mod tables;
 pub mod vactors;

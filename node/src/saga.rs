@@ -74,8 +74,9 @@ impl Reservations {
         let used: u64 = held.values().sum();
         if used.saturating_add(bytes) > self.budget_bytes {
             return Err(format!(
-                "{bytes} bytes requested, {} of {} free",
-                self.budget_bytes - used,
+                "fits no device: {bytes} bytes requested, {} of the {} bytes for tables free \
+                 (half of the largest device's memory, less other models' reservations)",
+                self.budget_bytes.saturating_sub(used),
                 self.budget_bytes
             ));
         }

@@ -352,3 +352,35 @@ on_one_and_three_servers!(
     a_graceful_leave_hands_over_without_waiting_for_the_ttl,
     a_paused_leader_cannot_write_and_steps_down
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_weighs_nodes_by_device_memory_unless_capacity_is_set() {
+    // n1 sets nothing: its weight is the GiB of its largest device (the host's memory here);
+    // n2 says it is three times that. Slots follow the weights: 1024·w/W each.
+    let mut c = TestCluster::start(1, 1).await;
+    c.wait_settled_on(&["n1"], SETTLE).await;
+    let auto = u64::from(tessel_node::tables::default_weight(&gpu::discover()).get());
+    let explicit = (auto * 3).min(1_000_000);
+    c.env.push(("TESSEL_CAPACITY".into(), explicit.to_string()));
+    c.spawn("n2");
+    let (s, _) = c.wait_settled_on(&["n1", "n2"], SETTLE).await;
+    let row = |id: &str| s.nodes.iter().find(|n| n.id == id).unwrap().clone();
+    let (n1, n2) = (row("n1"), row("n2"));
+    assert_eq!((n1.capacity, n2.capacity), (auto, explicit));
+    // Each membership record lists the node's devices, the CPU first.
+    for n in [&n1, &n2] {
+        assert_eq!(
+            n.devices.first().map(|d| d.kind.as_str()),
+            Some("cpu"),
+            "{n:?}"
+        );
+    }
+    let total = (auto + explicit) as f64;
+    let want_n1 = 1024.0 * auto as f64 / total;
+    assert!(
+        (n1.slots as f64 - want_n1).abs() <= 1.0,
+        "n1 has {} slots, its share is {want_n1}",
+        n1.slots
+    );
+    assert_eq!(n1.slots + n2.slots, 1024);
+}

@@ -268,3 +268,149 @@ async fn the_models_transform_scales_then_clips() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["differing_slots"], json!([]));
 }
+
+/// Sends a fault request to a node's fault switch and returns the reply.
+async fn fault(c: &TestCluster, node: &str, body: serde_json::Value) -> serde_json::Value {
+    let m = c
+        .client
+        .request(
+            tessel_node::tables::fault_subject("tessel", node),
+            bytes::Bytes::from(body.to_string()),
+        )
+        .await
+        .unwrap();
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+/// The text of a log without its colour codes (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_lost_mid_run_loses_no_acknowledged_delta() {
+    // Frequent checkpoints, so that the lost tables restart from a checkpoint taken under load
+    // and replay only the tail.
+    let c = TestCluster::start_with_env(
+        1,
+        3,
+        &[
+            ("TESSEL_FAULT_INJECTION", "true"),
+            ("TESSEL_CHECKPOINT_INTERVAL_MS", "1000"),
+        ],
+    )
+    .await;
+    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    serving(&c, "g").await;
+    let load = produce_ones(&c, "g", 8);
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    // Malformed or unknown faults are refused with a typed error, and change nothing.
+    let v = fault(&c, "n2", json!({"fault": "melt", "device": "cpu:0"})).await;
+    assert_eq!(v["error"]["kind"], "unknown_fault", "{v}");
+    let v = fault(
+        &c,
+        "n2",
+        json!({"fault": "device-lost", "device": "cuda:9"}),
+    )
+    .await;
+    assert_eq!(v["error"]["kind"], "no_such_device", "{v}");
+    // The device holding n2's tables is lost while the producer runs; later, n3's too.
+    let v = fault(&c, "n2", json!({"fault": "device-lost", "device": "cpu:0"})).await;
+    assert_eq!(v["ok"]["device"], "cpu:0", "{v}");
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    let v = fault(&c, "n3", json!({"fault": "device-lost", "device": "cpu:0"})).await;
+    assert_eq!(v["ok"]["device"], "cpu:0", "{v}");
+    let counts = load.await.unwrap();
+    wait_equal(&c, "g", &counts).await;
+    replay_verifies(&c, "g");
+    // The lost groups were rebuilt: n2 and n3 each started serving the model again.
+    for node in ["n2", "n3"] {
+        let log = c.log(node);
+        let n = log.matches("serving the model's slots").count();
+        assert!(n >= 2, "{node} started the model {n} times\n{log}");
+        // The rebuild started from checkpoints taken before the loss, not from scratch.
+        let after = log
+            .split("device lost")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{log}"));
+        let restored = strip_ansi(after)
+            .lines()
+            .find_map(|l| {
+                let i = l.find("from_checkpoints=")?;
+                l[i + "from_checkpoints=".len()..]
+                    .split(' ')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no restart after the loss\n{log}"));
+        assert!(restored > 0, "{log}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_fits_nowhere_fails_its_deploy_with_the_reason() {
+    let c = TestCluster::start(1, 2).await;
+    c.wait_settled_on(&["n1", "n2"], SETTLE).await;
+    let nats = c.nats.url();
+    let run = |sub: &[&str]| {
+        let mut args: Vec<&str> = sub.to_vec();
+        args.extend(["--nats", nats.as_str(), "--cluster", "tessel"]);
+        std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    // 2^32 rows × 65536 × 4 bytes = 1 PiB: more than any device here.
+    let out = run(&[
+        "model",
+        "create",
+        "--name",
+        "huge",
+        "--rows",
+        "4294967296",
+        "--dim",
+        "65536",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let mut v = serde_json::Value::Null;
+    for _ in 0..200 {
+        let out = run(&["model", "describe", "huge", "--json"]);
+        assert!(out.status.success(), "{out:?}");
+        v = serde_json::from_slice(&out.stdout).unwrap();
+        if v["state"] == "Failed" && v["reserved"].as_object().is_some_and(|m| m.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(v["state"], "Failed", "{v}");
+    let reason = v["reason"].as_str().unwrap();
+    assert!(reason.contains("fits no device"), "{reason}");
+    assert!(reason.contains("bytes requested"), "{reason}");
+    let out = run(&["model", "describe", "huge"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Failed") && text.contains("fits no device"),
+        "{text}"
+    );
+    // No node serves tables for it.
+    for node in ["n1", "n2"] {
+        assert!(!c.log(node).contains("serving the model's slots"));
+    }
+    // Without `fault_injection` the fault switch refuses, with a typed error.
+    let v = fault(&c, "n1", json!({"fault": "device-lost", "device": "cpu:0"})).await;
+    assert_eq!(v["error"]["kind"], "disabled", "{v}");
+}

@@ -37,7 +37,8 @@ pub struct NodeArgs {
     /// Serve HTTP status on this address.
     #[arg(long)]
     pub http: Option<String>,
-    /// Capacity weight for placement.
+    /// Capacity weight for placement (default: GiB of the largest CUDA device's memory, else of
+    /// host memory).
     #[arg(long)]
     pub capacity: Option<u64>,
     /// Log format.
@@ -65,7 +66,7 @@ pub fn load(args: &NodeArgs) -> Result<NodeConfig, crate::config::ConfigError> {
         cfg.http = Some(v.clone());
     }
     if let Some(v) = args.capacity {
-        cfg.capacity = v;
+        cfg.capacity = Some(v);
     }
     if let Some(v) = args.log_format {
         cfg.log_format = v;
@@ -78,8 +79,10 @@ pub fn load(args: &NodeArgs) -> Result<NodeConfig, crate::config::ConfigError> {
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour only on a terminal: logs redirected to files stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -106,7 +109,7 @@ pub fn run(args: NodeArgs) -> ExitCode {
 }
 
 async fn serve(cfg: NodeConfig) -> i32 {
-    let (me, weight) = match cfg.validate() {
+    let (me, _) = match cfg.validate() {
         Ok(v) => v,
         Err(e) => {
             error!("{e}");
@@ -146,6 +149,14 @@ async fn serve(cfg: NodeConfig) -> i32 {
         Some(reason) => info!(node = %me, %reason, "CUDA not used: tables on the CPU"),
         None => info!(node = %me, devices = found.len(), "CUDA devices found"),
     }
+    let weight = match cfg.weight(&found) {
+        Ok(w) => w,
+        Err(e) => {
+            error!("{e}");
+            return i32::from(EXIT_CONFIG);
+        }
+    };
+    info!(node = %me, weight = weight.get(), explicit = cfg.capacity.is_some(), "placement weight");
     let record = MemberRecord {
         v: SCHEMA_VERSION,
         id: me.to_string(),
@@ -155,7 +166,7 @@ async fn serve(cfg: NodeConfig) -> i32 {
         addr: cfg.http.clone(),
         started_at_ms: wall_ms(),
     };
-    let hook = match start_actors(&cfg, &me, client.clone(), metrics.clone()).await {
+    let hook = match start_actors(&cfg, &me, client.clone(), metrics.clone(), &found).await {
         Ok(h) => h,
         Err(e) => {
             error!("cannot start the actor runtime: {e:#}");
@@ -263,6 +274,7 @@ async fn start_actors(
     me: &cluster::NodeId,
     client: async_nats::Client,
     metrics: Arc<Metrics>,
+    found: &[gpu::Device],
 ) -> anyhow::Result<crate::runtime::SlotHook> {
     use actors::behavior::{Behavior, Counter, Typed};
     use actors::model::Model;
@@ -292,11 +304,20 @@ async fn start_actors(
         crate::vactors::ActorConfig::default(),
         metrics.clone(),
     );
+    let devices = crate::tables::DeviceBook::new(found.to_vec(), metrics.clone());
+    crate::tables::serve_faults(
+        client.clone(),
+        &cfg.cluster,
+        me.as_str(),
+        devices.clone(),
+        cfg.fault_injection,
+    )
+    .await?;
     let metrics_models = metrics;
     let hosted = Arc::new(std::sync::Mutex::new(SlotSet::EMPTY));
 
     // Memory reservations: half of the largest device's memory.
-    let budget = gpu::discover()
+    let budget = found
         .iter()
         .map(|d| d.memory_total_bytes)
         .max()
@@ -338,6 +359,7 @@ async fn start_actors(
         hosts: Arc::new(move |slot| h.lock().is_ok_and(|s| s.contains(slot))),
         cfg: cfg.slot_model(),
         metrics: metrics_models,
+        devices,
     };
     host.spawn(Duration::from_millis(500));
 

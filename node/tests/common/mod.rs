@@ -36,8 +36,18 @@ impl std::ops::DerefMut for TestCluster {
 
 impl TestCluster {
     pub async fn start(servers: usize, nodes: usize) -> TestCluster {
+        Self::start_with_env(servers, nodes, &[]).await
+    }
+
+    /// [`TestCluster::start`] with extra `TESSEL_*` variables for every node.
+    pub async fn start_with_env(
+        servers: usize,
+        nodes: usize,
+        extra: &[(&str, &str)],
+    ) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
-        let env = vec![("RUST_LOG".into(), "info,tessel_node::vactors=debug".into())];
+        let mut env = vec![("RUST_LOG".into(), "info,tessel_node::vactors=debug".into())];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let inner = LocalCluster::start(
             dir.path(),
             env!("CARGO_BIN_EXE_tessel").as_ref(),
