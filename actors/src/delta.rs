@@ -156,32 +156,30 @@ pub fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
     h
 }
 
-/// A fast checksum over a sequence of 32-bit words, for delta contents and whole tables.
-///
-/// Four lanes take every fourth word each: `lane = rotl((lane ^ word) · P, 29)` with P the
-/// FNV-1a 64 prime. The lanes are independent, so their multiplies overlap and a core hashes
-/// several bytes per cycle (byte-wise FNV-1a manages under one). `finish` folds the lanes and
-/// the word count with FNV-1a. It detects corruption; it is not a cryptographic hash.
-#[derive(Clone, Debug)]
+/// A fast checksum over a sequence of 32-bit words, for delta contents and whole tables: XXH3
+/// 64 (seed 0) of the words' little-endian bytes, fed as a stream, so how the words are split
+/// between calls does not matter. It detects corruption; it is not a cryptographic hash.
+#[derive(Clone)]
 pub struct WordHash {
-    lanes: [u64; 4],
-    /// Words seen so far.
-    n: u64,
+    state: xxhash_rust::xxh3::Xxh3,
+}
+
+impl std::fmt::Debug for WordHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WordHash").finish_non_exhaustive()
+    }
 }
 
 impl Default for WordHash {
     fn default() -> Self {
         WordHash {
-            lanes: [FNV_OFFSET, FNV_OFFSET ^ 1, FNV_OFFSET ^ 2, FNV_OFFSET ^ 3],
-            n: 0,
+            state: xxhash_rust::xxh3::Xxh3::new(),
         }
     }
 }
 
-#[inline(always)]
-fn lane(h: u64, w: u32) -> u64 {
-    (h ^ u64::from(w)).wrapping_mul(FNV_PRIME).rotate_left(29)
-}
+/// Words converted per step on the way to the hash.
+const WORD_CHUNK: usize = 256;
 
 impl WordHash {
     /// A fresh hash.
@@ -190,34 +188,17 @@ impl WordHash {
     }
 
     /// Absorbs one word.
-    #[inline]
     pub fn word(&mut self, w: u32) {
-        let i = (self.n & 3) as usize;
-        self.lanes[i] = lane(self.lanes[i], w);
-        self.n += 1;
+        self.state.update(&w.to_le_bytes());
     }
 
-    /// Absorbs `words` (each `W` turned into a word by `word`): single words until the next
-    /// word is lane 0's, then four lanes per step over exact chunks (no bounds checks in the
-    /// loop), then the tail.
-    #[inline(always)]
     fn absorb<W: Copy>(&mut self, words: &[W], word: impl Fn(W) -> u32) {
-        let head = ((4 - (self.n & 3) as usize) & 3).min(words.len());
-        for w in &words[..head] {
-            self.word(word(*w));
-        }
-        let mut chunks = words[head..].chunks_exact(4);
-        let [mut a, mut b, mut c, mut d] = self.lanes;
-        for q in &mut chunks {
-            a = lane(a, word(q[0]));
-            b = lane(b, word(q[1]));
-            c = lane(c, word(q[2]));
-            d = lane(d, word(q[3]));
-        }
-        self.lanes = [a, b, c, d];
-        self.n += ((words.len() - head) & !3) as u64;
-        for w in chunks.remainder() {
-            self.word(word(*w));
+        let mut buf = [0u8; WORD_CHUNK * 4];
+        for chunk in words.chunks(WORD_CHUNK) {
+            for (dst, w) in buf.chunks_exact_mut(4).zip(chunk) {
+                dst.copy_from_slice(&word(*w).to_le_bytes());
+            }
+            self.state.update(&buf[..chunk.len() * 4]);
         }
     }
 
@@ -233,34 +214,12 @@ impl WordHash {
 
     /// Absorbs little-endian words (a trailing partial word is ignored).
     pub fn le_bytes(&mut self, bytes: &[u8]) {
-        let words = bytes.len() / 4;
-        let head = ((4 - (self.n & 3) as usize) & 3).min(words);
-        let le = |c: &[u8]| u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        for c in bytes[..head * 4].chunks_exact(4) {
-            self.word(le(c));
-        }
-        let mut chunks = bytes[head * 4..words * 4].chunks_exact(16);
-        let [mut a, mut b, mut c, mut d] = self.lanes;
-        for q in &mut chunks {
-            a = lane(a, le(&q[0..4]));
-            b = lane(b, le(&q[4..8]));
-            c = lane(c, le(&q[8..12]));
-            d = lane(d, le(&q[12..16]));
-        }
-        self.lanes = [a, b, c, d];
-        self.n += ((words - head) & !3) as u64;
-        for w in chunks.remainder().chunks_exact(4) {
-            self.word(le(w));
-        }
+        self.state.update(&bytes[..bytes.len() / 4 * 4]);
     }
 
     /// The checksum.
     pub fn finish(&self) -> u64 {
-        let mut h = FNV_OFFSET;
-        for l in self.lanes {
-            h = fnv(h, &l.to_le_bytes());
-        }
-        fnv(h, &self.n.to_le_bytes())
+        self.state.digest()
     }
 }
 

@@ -901,24 +901,28 @@ impl SlotModel {
         }
         let values_before = values.len();
         let max_abs = self.cfg.max_abs;
-        let identity = self.cfg.scale == 1.0 && self.cfg.clip.is_none();
-        values.reserve(f.values().len());
-        // One pass: check each value (before the transform) and append it transformed.
-        let mut bad = None;
-        for (i, v) in f.values().enumerate() {
-            if !v.is_finite() || v.abs() > max_abs {
-                bad = Some((i, v));
-                break;
-            }
-            values.push(if identity { v } else { self.transform(v) });
-        }
-        if let Some((i, v)) = bad {
+        // Copy, then check with a branch-free pass the compiler vectorises: `|v| <= max` is
+        // false for NaN and ±∞ (`max_abs` is finite).
+        values.extend(f.values());
+        let fresh = &values[values_before..];
+        if !fresh.iter().fold(true, |ok, v| ok & (v.abs() <= max_abs)) {
+            let (i, v) = fresh
+                .iter()
+                .copied()
+                .enumerate()
+                .find(|(_, v)| !v.is_finite() || v.abs() > max_abs)
+                .unwrap_or((0, f32::NAN));
             values.truncate(values_before);
             return Err(if v.is_finite() {
                 format!("|value| {v} above {max_abs}")
             } else {
                 format!("value {i} is not finite")
             });
+        }
+        if !(self.cfg.scale == 1.0 && self.cfg.clip.is_none()) {
+            for v in &mut values[values_before..] {
+                *v = self.transform(*v);
+            }
         }
         rows.extend(f.rows());
         Ok(f)
@@ -1567,7 +1571,9 @@ async fn replay_states(
         return Err("no model to replay".into());
     };
     let own = template.for_generation(me);
+    let started = Instant::now();
     let names = own.checkpoint_names().await;
+    debug!(model = %me.model, checkpoints = names.len(), ms = started.elapsed().as_millis() as u64, "replay: listed checkpoints");
     let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
     let mut missing = std::collections::BTreeSet::new();
     let mut states: BTreeMap<u16, SlotState> = BTreeMap::new();
@@ -1614,6 +1620,7 @@ async fn replay_states(
             }
         }
     }
+    debug!(model = %me.model, restored = states.len() - missing.len(), ms = started.elapsed().as_millis() as u64, "replay: starting states ready");
     let mut tables: BTreeMap<u16, Table> = BTreeMap::new();
     for (k, (table, position, chains)) in states {
         let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
