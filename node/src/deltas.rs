@@ -514,6 +514,7 @@ impl SlotModel {
             let mut frames = 0usize;
             let mut bytes = 0usize;
             let mut traces: Vec<Bytes> = Vec::new();
+            let mut walls: Vec<u64> = Vec::new();
             let mut deadline = tokio::time::Instant::now();
             let mut permits: Vec<tokio::sync::OwnedSemaphorePermit> = Vec::new();
             loop {
@@ -564,7 +565,10 @@ impl SlotModel {
                     &mut batch_rows,
                     &mut batch_values,
                 ) {
-                    Ok(()) => traces.extend(trace_of(&msg)),
+                    Ok(()) => {
+                        traces.extend(trace_of(&msg));
+                        walls.extend(Frame::decode(&msg.payload).map(|f| f.ts.wall_ms));
+                    }
                     Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
                 }
                 if frames >= self.cfg.window_frames || bytes >= self.cfg.window_bytes {
@@ -572,8 +576,12 @@ impl SlotModel {
                 }
             }
             if !batch_rows.is_empty() {
+                let apply_started = Instant::now();
                 match table.apply(&batch_rows, &batch_values, self.cfg.apply_threads) {
                     Ok(()) => {
+                        let (elapsed, rows) = (apply_started.elapsed(), batch_rows.len());
+                        self.metrics
+                            .window_applied(&self.model, rows, elapsed, &walls);
                         let subject = applied_subject(&self.cluster, &self.model);
                         for t in traces.drain(..) {
                             let _ = self.client.publish(subject.clone(), t).await;
@@ -901,7 +909,11 @@ impl ModelHost {
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
-            tasks.push(tokio::spawn(m.run(state, rx)));
+            let span = tracing::info_span!("slot_model", model = %m.model, slot = m.slot.get());
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(
+                m.run(state, rx),
+                span,
+            )));
         }
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
@@ -923,6 +935,7 @@ impl ModelHost {
         let prefix = format!("{}.delta.{model}.", self.cluster);
         let budget_bytes = self.cfg.queue_bytes.clamp(1, u32::MAX as usize);
         let budget = Arc::new(tokio::sync::Semaphore::new(budget_bytes));
+        let (metrics, name) = (self.metrics.clone(), model.to_string());
         let pump = tokio::spawn(async move {
             while let Some(item) = messages.next().await {
                 let msg = match item {
@@ -932,6 +945,9 @@ impl ModelHost {
                         break;
                     }
                 };
+                if let Ok(info) = msg.info() {
+                    metrics.model_lag(&name, info.pending);
+                }
                 let slot = msg
                     .subject
                     .strip_prefix(prefix.as_str())
