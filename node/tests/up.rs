@@ -26,6 +26,11 @@ fn up_starts_a_settled_three_node_cluster_and_cleans_up() {
         );
     }
     assert!(text.contains("unowned slots 0"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("tessel up: dashboard at http://127.0.0.1:")),
+        "{text}"
+    );
     for n in ["node-1", "node-2", "node-3"] {
         assert!(
             text.contains(&format!("{n} exited (exit status: 0)")),
