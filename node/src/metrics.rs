@@ -227,7 +227,7 @@ impl Metrics {
 
     fn render_models(&self, out: &mut String) {
         let models = self.models();
-        let series: [(&str, &str, &str, fn(&ModelStats) -> u64); 3] = [
+        let series: [ModelSeries; 3] = [
             (
                 "model_deltas_applied_total",
                 "counter",
@@ -261,6 +261,14 @@ impl Metrics {
         }
     }
 }
+
+/// A per-model family: name, type, help, and the value it shows.
+type ModelSeries = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&ModelStats) -> u64,
+);
 
 /// A sample line that is not `name[{labels}] value`.
 #[derive(Debug, thiserror::Error)]

@@ -222,13 +222,17 @@ struct WebDriver {
     addr: String,
     session: String,
     driver: tokio::process::Child,
+    /// Chromium's profile and temporary files, removed with the test.
+    _tmp: tempfile::TempDir,
 }
 
 impl WebDriver {
     async fn start(chromium: &std::path::Path, chromedriver: &std::path::Path) -> WebDriver {
         let port = tessel_node::natsd::free_port().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
         let driver = tokio::process::Command::new(chromedriver)
             .arg(format!("--port={port}"))
+            .env("TMPDIR", tmp.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -245,7 +249,8 @@ impl WebDriver {
             "goog:chromeOptions": {
                 "binary": chromium,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-                         "--disable-dev-shm-usage", "--no-first-run"]
+                         "--disable-dev-shm-usage", "--no-first-run",
+                         format!("--user-data-dir={}", tmp.path().join("profile").display())]
             }
         }}});
         let (code, body) = http(&addr, "POST", "/session", Some(&caps)).await;
@@ -256,6 +261,7 @@ impl WebDriver {
             addr,
             session,
             driver,
+            _tmp: tmp,
         }
     }
 
