@@ -172,6 +172,18 @@ async fn metrics_status_and_json_logs_of_a_real_node() {
     assert_eq!(code, 200);
     assert!(page.contains("<html") && page.contains("/status"));
 
+    // The first connection is not a reconnection; a server restart is one.
+    assert_eq!(metrics["tessel_nats_reconnects_total"], 0.0);
+    c.inner.nats.restart(0).await.unwrap();
+    let started = Instant::now();
+    while scrape(&addr).await["tessel_nats_reconnects_total"] < 1.0 {
+        assert!(
+            started.elapsed() < SETTLE,
+            "the reconnection was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // Every line the node logged is JSON, and its spans carry the node, the term and slots.
     c.inner.shutdown().await;
     let log = c.log("n1");
