@@ -598,6 +598,8 @@ impl SlotModel {
                 }
             }
 
+            self.metrics
+                .slot_queued(&self.model, self.slot.get(), inbox.len() as u64);
             since_ckpt += frames as u64;
             let due = since_ckpt >= self.cfg.checkpoint_every
                 || (since_ckpt > 0
@@ -608,6 +610,7 @@ impl SlotModel {
                 last_ckpt = Instant::now();
             }
         }
+        self.metrics.slot_queued(&self.model, self.slot.get(), 0);
         debug!(model = %self.model, slot = self.slot.get(), position, "slot model stopped");
     }
 

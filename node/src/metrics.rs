@@ -100,7 +100,16 @@ pub struct ModelStats {
     pub rows_applied: u64,
     /// Deltas of the model's slots on this node still in the stream after the last one its
     /// consumer received (the consumer's pending count when it received it).
+    pub pending: u64,
+    /// Deltas received by the consumer but not yet applied, over the model's slots here.
+    pub queued: u64,
+    /// The most deltas received but not yet applied by one slot.
+    pub max_slot_queued: u64,
+    /// Deltas of the model's slots here not yet applied: `pending + queued`.
     pub lag: u64,
+    /// Received but not applied, per slot (summed into `queued` when read).
+    #[serde(skip)]
+    slot_queued: BTreeMap<u16, u64>,
 }
 
 macro_rules! metrics {
@@ -202,14 +211,33 @@ impl Metrics {
         self.model_applied(model, walls.len() as u64, rows as u64);
     }
 
-    /// Sets the consumer lag of `model` on this node.
-    pub fn model_lag(&self, model: &str, lag: u64) {
-        self.with_model(model, |s| s.lag = lag);
+    /// Sets the consumer's pending count of `model` on this node.
+    pub fn model_lag(&self, model: &str, pending: u64) {
+        self.with_model(model, |s| s.pending = pending);
     }
 
-    /// A copy of the per-model counters.
+    /// Sets how many deltas one slot of `model` has received but not yet applied (0 when the
+    /// slot stops here).
+    pub fn slot_queued(&self, model: &str, slot: u16, queued: u64) {
+        self.with_model(model, |s| {
+            if queued == 0 {
+                s.slot_queued.remove(&slot);
+            } else {
+                s.slot_queued.insert(slot, queued);
+            }
+        });
+    }
+
+    /// A copy of the per-model counters, with `queued`, `max_slot_queued` and `lag` computed.
     pub fn models(&self) -> BTreeMap<String, ModelStats> {
-        self.models.lock().map(|m| m.clone()).unwrap_or_default()
+        let mut models = self.models.lock().map(|m| m.clone()).unwrap_or_default();
+        for s in models.values_mut() {
+            s.queued = s.slot_queued.values().sum();
+            s.max_slot_queued = s.slot_queued.values().copied().max().unwrap_or(0);
+            s.lag = s.pending + s.queued;
+            s.slot_queued.clear();
+        }
+        models
     }
 
     fn with_model(&self, model: &str, f: impl FnOnce(&mut ModelStats)) {
@@ -227,7 +255,7 @@ impl Metrics {
 
     fn render_models(&self, out: &mut String) {
         let models = self.models();
-        let series: [ModelSeries; 3] = [
+        let series: [ModelSeries; 4] = [
             (
                 "model_deltas_applied_total",
                 "counter",
@@ -243,8 +271,14 @@ impl Metrics {
             (
                 "model_consumer_lag",
                 "gauge",
-                "Deltas of the model's slots on this node not yet received by its consumer.",
+                "Deltas of the model's slots on this node not yet applied (in the stream after what its consumer received, plus received and queued).",
                 |s| s.lag,
+            ),
+            (
+                "model_max_slot_queue",
+                "gauge",
+                "The most deltas received but not yet applied by one slot of the model on this node.",
+                |s| s.max_slot_queued,
             ),
         ];
         for (name, kind, help, value) in series {
@@ -343,6 +377,10 @@ mod tests {
         m.model_applied("emb", 4, 400);
         m.model_applied("emb", 1, 100);
         m.model_lag("emb", 7);
+        m.slot_queued("emb", 3, 2);
+        m.slot_queued("emb", 9, 5);
+        m.slot_queued("emb", 4, 1);
+        m.slot_queued("emb", 4, 0);
         let text = m.render();
         let samples: BTreeMap<String, f64> = parse(&text).unwrap().into_iter().collect();
         let get = |k: &str| {
@@ -360,7 +398,8 @@ mod tests {
         assert_eq!(get("tessel_delta_e2e_seconds_count"), 0.0);
         assert_eq!(get("tessel_model_deltas_applied_total{model=\"emb\"}"), 5.0);
         assert_eq!(get("tessel_model_rows_applied_total{model=\"emb\"}"), 500.0);
-        assert_eq!(get("tessel_model_consumer_lag{model=\"emb\"}"), 7.0);
+        assert_eq!(get("tessel_model_consumer_lag{model=\"emb\"}"), 14.0);
+        assert_eq!(get("tessel_model_max_slot_queue{model=\"emb\"}"), 5.0);
         assert!(text.contains("# TYPE tessel_delta_e2e_seconds histogram\n"));
         // Buckets are cumulative.
         let buckets: Vec<f64> = parse(&text)

@@ -120,6 +120,7 @@ async fn metrics_status_and_json_logs_of_a_real_node() {
         }
         let m = scrape(&addr).await;
         if m.get("tessel_model_deltas_applied_total{model=\"emb\"}") >= Some(&f64::from(sent))
+            && m.get("tessel_model_consumer_lag{model=\"emb\"}") == Some(&0.0)
             && sent >= 20
         {
             break m;
@@ -138,8 +139,8 @@ async fn metrics_status_and_json_logs_of_a_real_node() {
         metrics["tessel_delta_e2e_seconds_bucket{le=\"+Inf\"}"]
     );
     assert_eq!(
-        metrics["tessel_model_consumer_lag{model=\"emb\"}"], 0.0,
-        "all received"
+        metrics["tessel_model_max_slot_queue{model=\"emb\"}"], 0.0,
+        "all applied"
     );
     for name in [
         "tessel_lease_renewals_total",
@@ -292,6 +293,8 @@ impl WebDriver {
     async fn summary(&self) -> Value {
         let script = "const d = document.getElementById('summary').dataset; \
                       return {nodes: d.nodes, owned: d.owned, owners: d.owners, polls: d.polls, \
+                              leader: d.leader, \
+                              events: [...document.querySelectorAll('#events li')].map(e => e.textContent), \
                               cells: document.querySelectorAll('#grid div[data-owner]').length};";
         let v = self
             .command("execute/sync", &json!({"script": script, "args": []}))
@@ -302,6 +305,8 @@ impl WebDriver {
             "owners": v["owners"].as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()),
             "polls": v["polls"].as_str().and_then(|s| s.parse::<u64>().ok()),
             "cells": v["cells"],
+            "leader": v["leader"],
+            "events": v["events"],
         })
     }
 
@@ -353,10 +358,16 @@ async fn the_dashboard_shows_the_cluster_and_a_failover_in_headless_chromium() {
         })
         .await;
     assert_eq!(owners_of(&s), ["n1", "n2", "n3"]);
+    let truth = c.status().await.unwrap();
+    assert_eq!(s["leader"], truth.leader.as_ref().unwrap().node.as_str());
     let before: u64 = s["owners"]["n3"].as_u64().unwrap();
     assert!(before > 0);
 
     // n3 dies; the page (served by n1) shows its slots on n1 and n2.
+    let earlier: Vec<Value> = web.summary().await["events"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     c.kill9("n3").await;
     let killed = Instant::now();
     let polls = s["polls"].as_u64().unwrap();
@@ -365,6 +376,23 @@ async fn the_dashboard_shows_the_cluster_and_a_failover_in_headless_chromium() {
             s["owned"] == 1024 && owners_of(s) == ["n1", "n2"]
         })
         .await;
+    // The events list shows a new assignment to n1 and n2 alone (announced by the leader).
+    let listed = web
+        .wait("the new assignment in the events", SETTLE, |s| {
+            s["events"].as_array().is_some_and(|e| {
+                e.iter().any(|t| {
+                    !earlier.contains(t)
+                        && t.as_str().is_some_and(|t| {
+                            t.contains("SlotsAssigned")
+                                && t.contains("\"n1\"")
+                                && t.contains("\"n2\"")
+                                && !t.contains("\"n3\"")
+                        })
+                })
+            })
+        })
+        .await;
+    assert!(!listed["events"].as_array().unwrap().is_empty());
     eprintln!(
         "the page showed the failover {:?} after the SIGKILL",
         killed.elapsed()
