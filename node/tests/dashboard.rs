@@ -294,6 +294,8 @@ impl WebDriver {
         let script = "const d = document.getElementById('summary').dataset; \
                       return {nodes: d.nodes, owned: d.owned, owners: d.owners, polls: d.polls, \
                               leader: d.leader, \
+                              models: Object.fromEntries([...document.querySelectorAll('#models tr')] \
+                                .map(r => [r.dataset.model, [...r.cells].map(c => c.textContent)])), \
                               events: [...document.querySelectorAll('#events li')].map(e => e.textContent), \
                               cells: document.querySelectorAll('#grid div[data-owner]').length};";
         let v = self
@@ -306,6 +308,7 @@ impl WebDriver {
             "polls": v["polls"].as_str().and_then(|s| s.parse::<u64>().ok()),
             "cells": v["cells"],
             "leader": v["leader"],
+            "models": v["models"],
             "events": v["events"],
         })
     }
@@ -364,6 +367,71 @@ async fn the_dashboard_shows_the_cluster_and_a_failover_in_headless_chromium() {
     assert!(before > 0);
 
     // n3 dies; the page (served by n1) shows its slots on n1 and n2.
+    // A model under load: the page shows its rate (summed over the three nodes' /status).
+    let actors = ActorClient::new(c.client.clone(), "tessel");
+    let key = ActorKey::new("model", "emb").unwrap();
+    actors
+        .ask(
+            &key,
+            &json!({"cmd": "create", "rows": 4096, "dim": 2}),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (js, stop) = (c.js.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut producer = Producer::new(js, "tessel", "emb", 4096, 2, 8, 5);
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let rows: Vec<u32> = (0..32).map(|k| (i * 97 + k * 131) % 4096).collect();
+                let _ = producer.send(&rows, &vec![1.0; 64]).await;
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let shown = web
+        .wait("a delta rate for emb", SETTLE, |s| {
+            let row = &s["models"]["emb"];
+            let rate = row[2].as_str().and_then(|r| r.parse::<f64>().ok());
+            rate.is_some_and(|r| r > 0.0)
+        })
+        .await;
+    let row = &shown["models"]["emb"];
+    assert!(
+        row[1].as_str().unwrap().parse::<u64>().unwrap() > 0,
+        "{row}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+    // Once the load stops, the page's total is every node's, not only n1's.
+    let mut per_node = BTreeMap::new();
+    let started = Instant::now();
+    loop {
+        for id in ["n1", "n2", "n3"] {
+            let s = status(&c.http[id]).await;
+            per_node.insert(
+                id,
+                s["models"]["emb"]["deltas_applied"].as_u64().unwrap_or(0),
+            );
+        }
+        let total: u64 = per_node.values().sum();
+        let page = web.summary().await["models"]["emb"][1]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok());
+        if page == Some(total) {
+            break;
+        }
+        assert!(
+            started.elapsed() < SETTLE,
+            "page {page:?}, nodes {per_node:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(per_node.values().all(|n| *n > 0), "{per_node:?}");
+
     let earlier: Vec<Value> = web.summary().await["events"]
         .as_array()
         .cloned()
