@@ -2,6 +2,7 @@
 //! errors, and reconnection counted in metrics.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::{ConnectErrorKind, ConnectOptions, Event};
@@ -61,6 +62,7 @@ async fn options(
     metrics: Arc<Metrics>,
 ) -> Result<ConnectOptions, ConnectFailure> {
     let max_delay = Duration::from_millis(cfg.reconnect_max_delay_ms);
+    let connected_before = Arc::new(AtomicBool::new(false));
     let mut o = ConnectOptions::new()
         .name(name)
         .connection_timeout(Duration::from_millis(cfg.connect_timeout_ms))
@@ -71,8 +73,13 @@ async fn options(
         })
         .event_callback(move |event| {
             let metrics = metrics.clone();
+            let connected_before = connected_before.clone();
             async move {
                 match event {
+                    // The first connection is not a reconnection.
+                    Event::Connected if !connected_before.swap(true, Ordering::Relaxed) => {
+                        info!("connected to NATS (event)");
+                    }
                     Event::Connected => {
                         Metrics::inc(&metrics.nats_reconnects_total);
                         info!("reconnected to NATS");

@@ -740,6 +740,7 @@ impl SlotModel {
             let mut frames = 0usize;
             let mut bytes = 0usize;
             let mut traces: Vec<Bytes> = Vec::new();
+            let mut walls: Vec<u64> = Vec::new();
             let mut deadline = tokio::time::Instant::now();
             let mut permits: Vec<tokio::sync::OwnedSemaphorePermit> = Vec::new();
             loop {
@@ -793,7 +794,10 @@ impl SlotModel {
                     &mut batch_rows,
                     &mut batch_values,
                 ) {
-                    Ok(_) => traces.extend(trace_of(&msg)),
+                    Ok(f) => {
+                        traces.extend(trace_of(&msg));
+                        walls.push(f.ts.wall_ms);
+                    }
                     Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
                 }
                 if frames >= self.cfg.window_frames || bytes >= self.cfg.window_bytes {
@@ -813,12 +817,19 @@ impl SlotModel {
                     .chunks(max_batch_rows)
                     .zip(batch_values.chunks(max_batch_rows * d))
                     .collect();
+                let apply_started = Instant::now();
                 if let Err(e) = table.apply_many(&batches) {
                     // A validated window cannot be refused for its content: the device failed,
                     // and the window's deltas (already counted in `position`) must come again
                     // from the stream.
                     return lost(&e);
                 }
+                self.metrics.window_applied(
+                    &self.model,
+                    batch_rows.len(),
+                    apply_started.elapsed(),
+                    &walls,
+                );
                 let subject = applied_subject(&self.cluster, &self.model);
                 for t in traces.drain(..) {
                     let _ = self.client.publish(subject.clone(), t).await;
@@ -832,6 +843,8 @@ impl SlotModel {
                 );
             }
 
+            self.metrics
+                .slot_queued(&self.model, self.slot.get(), inbox.len() as u64);
             since_ckpt += frames as u64;
             let due = since_ckpt >= self.cfg.checkpoint_every
                 || (since_ckpt > 0
@@ -845,6 +858,7 @@ impl SlotModel {
                 last_ckpt = Instant::now();
             }
         }
+        self.metrics.slot_queued(&self.model, self.slot.get(), 0);
         debug!(model = %self.model, slot = self.slot.get(), position, "slot model stopped");
         SlotExit::Stopped
     }
@@ -1253,7 +1267,11 @@ impl ModelHost {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
             let kept = m.own(&names).cloned().collect();
-            tasks.push(tokio::spawn(m.run(state, rx, lease.clone(), kept)));
+            let span = tracing::info_span!("slot_model", model = %m.model, slot = m.slot.get());
+            tasks.push(tokio::spawn(tracing::Instrument::instrument(
+                m.run(state, rx, lease.clone(), kept),
+                span,
+            )));
         }
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
@@ -1275,6 +1293,7 @@ impl ModelHost {
         let prefix = format!("{}.delta.{model}.", self.cluster);
         let budget_bytes = self.cfg.queue_bytes.clamp(1, u32::MAX as usize);
         let budget = Arc::new(tokio::sync::Semaphore::new(budget_bytes));
+        let (metrics, name) = (self.metrics.clone(), model.to_string());
         let pump = tokio::spawn(async move {
             while let Some(item) = messages.next().await {
                 let msg = match item {
@@ -1284,6 +1303,9 @@ impl ModelHost {
                         break;
                     }
                 };
+                if let Ok(info) = msg.info() {
+                    metrics.model_lag(&name, info.pending);
+                }
                 let slot = msg
                     .subject
                     .strip_prefix(prefix.as_str())

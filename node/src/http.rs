@@ -1,9 +1,15 @@
-//! The node's HTTP endpoint: `/metrics` (Prometheus text, series prefixed `tessel_`) and
-//! `/status` (this node's view as JSON). A deliberately small HTTP/1.1 server: one request per
-//! connection, bounded request size, time and concurrency.
+//! The node's HTTP endpoint: `/metrics` (Prometheus text, series prefixed `tessel_`),
+//! `/status` (this node's view, its per-model delta counters, the latest topology events and
+//! the cluster's status read from the buckets, as JSON) and `/`, the dashboard: one
+//! self-contained page (no external assets) that polls `/status` every second. A deliberately
+//! small HTTP/1.1 server: one request per connection, bounded request size, time and
+//! concurrency.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::StreamExt;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,6 +25,15 @@ pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Topology events kept for `/status` (the newest).
+pub const MAX_EVENTS: usize = 64;
+/// Largest topology event kept; larger ones are ignored.
+pub const MAX_EVENT_BYTES: usize = 16 * 1024;
+/// Longest time `/status` waits for the cluster's status from the buckets.
+pub const CLUSTER_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The dashboard page, served at `/`.
+pub const DASHBOARD_HTML: &str = include_str!("dashboard.html");
 
 /// What the endpoint serves.
 #[derive(Clone)]
@@ -29,6 +44,63 @@ pub struct HttpState {
     pub metrics: Arc<Metrics>,
     /// Its view.
     pub view: watch::Receiver<NodeView>,
+    /// The cluster name.
+    pub cluster: String,
+    /// Where the cluster's status is read (None: `/status` carries no cluster part).
+    pub js: Option<async_nats::jetstream::Context>,
+    /// The latest topology events.
+    pub events: Arc<EventLog>,
+}
+
+/// A bounded ring of the latest topology events (the JSON records announced on
+/// `<c>.cluster.events`, see docs/nats-layout.md).
+#[derive(Debug, Default)]
+pub struct EventLog {
+    events: Mutex<VecDeque<serde_json::Value>>,
+}
+
+impl EventLog {
+    /// Keeps an event, dropping the oldest beyond [`MAX_EVENTS`].
+    pub fn push(&self, event: serde_json::Value) {
+        if let Ok(mut q) = self.events.lock() {
+            if q.len() >= MAX_EVENTS {
+                q.pop_front();
+            }
+            q.push_back(event);
+        }
+    }
+
+    /// The events kept, oldest first.
+    pub fn list(&self) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Follows the cluster's topology events until the task is dropped; records that are too
+    /// large or not JSON objects are counted as bad records and ignored.
+    pub async fn follow(
+        self: Arc<Self>,
+        client: async_nats::Client,
+        cluster: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<tokio::task::JoinHandle<()>, async_nats::SubscribeError> {
+        let mut sub = client
+            .subscribe(crate::store::events_subject(cluster))
+            .await?;
+        Ok(tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let parsed = (msg.payload.len() <= MAX_EVENT_BYTES)
+                    .then(|| serde_json::from_slice::<serde_json::Value>(&msg.payload).ok())
+                    .flatten();
+                match parsed {
+                    Some(v) if v.is_object() => self.push(v),
+                    _ => Metrics::inc(&metrics.bad_records_total),
+                }
+            }
+        }))
+    }
 }
 
 /// Binds `addr` and serves until the task is dropped.
@@ -77,29 +149,62 @@ async fn handle(mut stream: TcpStream, state: &HttpState) {
         parts.next().unwrap_or_default(),
     );
     let path = path.split('?').next().unwrap_or_default();
-    let (code, kind, body) = route(method, path, state);
+    let (code, kind, body) = route(method, path, state).await;
     let _ = respond(&mut stream, code, kind, &body).await;
 }
 
 /// The response for one request: status code, content type, body.
-pub fn route(method: &str, path: &str, state: &HttpState) -> (u16, &'static str, String) {
+pub async fn route(method: &str, path: &str, state: &HttpState) -> (u16, &'static str, String) {
     if method != "GET" {
         return (405, "text/plain", "only GET\n".into());
     }
     match path {
         "/metrics" => (200, "text/plain; version=0.0.4", state.metrics.render()),
-        "/status" => {
-            let view = state.view.borrow().clone();
-            let body = serde_json::json!({"node": state.node, "view": view});
-            (200, "application/json", body.to_string())
-        }
-        "/" => (
-            200,
-            "text/plain",
-            format!("tessel node {}: see /status and /metrics\n", state.node),
-        ),
+        "/status" => (200, "application/json", status(state).await.to_string()),
+        "/" | "/index.html" => (200, "text/html; charset=utf-8", DASHBOARD_HTML.into()),
         _ => (404, "text/plain", "not found\n".into()),
     }
+}
+
+/// The body of `/status`: `node`, `view`, `models`, `events`, and `cluster` (the status read
+/// from the buckets, with `owners`: the owner of each of the 1024 slots, null for none) or
+/// `cluster_error`.
+pub async fn status(state: &HttpState) -> serde_json::Value {
+    let view = state.view.borrow().clone();
+    let mut body = serde_json::json!({
+        "node": state.node,
+        "view": view,
+        "models": state.metrics.models(),
+        "events": state.events.list(),
+    });
+    let cluster = match &state.js {
+        None => Err("no NATS connection".to_string()),
+        Some(js) => {
+            match tokio::time::timeout(
+                CLUSTER_STATUS_TIMEOUT,
+                crate::status::read(js, &state.cluster),
+            )
+            .await
+            {
+                Ok(Ok(s)) => {
+                    let mut v = serde_json::to_value(&s).unwrap_or_default();
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("owners".into(), serde_json::json!(s.owners));
+                    }
+                    Ok(v)
+                }
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("timed out reading the cluster's status".into()),
+            }
+        }
+    };
+    if let Some(o) = body.as_object_mut() {
+        match cluster {
+            Ok(v) => o.insert("cluster".into(), v),
+            Err(e) => o.insert("cluster_error".into(), serde_json::json!(e)),
+        };
+    }
+    body
 }
 
 async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str) -> std::io::Result<()> {
@@ -111,7 +216,7 @@ async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str) -> s
         _ => "Error",
     };
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nAccess-Control-Allow-Origin: *\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
@@ -123,21 +228,44 @@ async fn respond(stream: &mut TcpStream, code: u16, kind: &str, body: &str) -> s
 mod tests {
     use super::*;
 
-    #[test]
-    fn routes() {
+    #[tokio::test]
+    async fn routes() {
         let (_tx, view) = watch::channel(NodeView::default());
+        let metrics = Arc::new(Metrics::default());
+        metrics.model_applied("emb", 2, 20);
+        let events = Arc::new(EventLog::default());
+        for i in 0..MAX_EVENTS + 5 {
+            events.push(serde_json::json!({"type": "SlotsAssigned", "epoch": i}));
+        }
         let state = HttpState {
             node: "n1".into(),
-            metrics: Arc::new(Metrics::default()),
+            metrics,
             view,
+            cluster: "tessel".into(),
+            js: None,
+            events,
         };
-        assert_eq!(route("GET", "/metrics", &state).0, 200);
-        assert!(route("GET", "/metrics", &state).2.contains("tessel_term"));
-        let (code, _, body) = route("GET", "/status", &state);
+        assert_eq!(route("GET", "/metrics", &state).await.0, 200);
+        assert!(
+            route("GET", "/metrics", &state)
+                .await
+                .2
+                .contains("tessel_term")
+        );
+        let (code, _, body) = route("GET", "/status", &state).await;
         assert_eq!(code, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["node"], "n1");
-        assert_eq!(route("POST", "/status", &state).0, 405);
-        assert_eq!(route("GET", "/nope", &state).0, 404);
+        assert_eq!(v["models"]["emb"]["deltas_applied"], 2);
+        assert_eq!(v["events"].as_array().unwrap().len(), MAX_EVENTS);
+        assert_eq!(v["events"][0]["epoch"], 5, "the oldest are dropped");
+        assert!(v["cluster_error"].is_string());
+        let (code, kind, page) = route("GET", "/", &state).await;
+        assert_eq!((code, kind), (200, "text/html; charset=utf-8"));
+        assert!(page.contains("fetch(\"/status\""));
+        // Self-contained: nothing loaded from elsewhere.
+        assert!(!page.contains("src=\"http") && !page.contains("href=\"http"));
+        assert_eq!(route("POST", "/status", &state).await.0, 405);
+        assert_eq!(route("GET", "/nope", &state).await.0, 404);
     }
 }

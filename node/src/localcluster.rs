@@ -29,6 +29,11 @@ pub struct LocalCluster {
     pub env: Vec<(String, String)>,
     /// The `tessel` binary.
     pub bin: PathBuf,
+    /// Each node's HTTP address (`/status`, `/metrics`, the dashboard), on a free loopback port
+    /// picked when it was (re)started.
+    pub http: BTreeMap<String, String>,
+    /// Extra arguments given to every node started from now on (e.g. `--log-format json`).
+    pub node_args: Vec<String>,
 }
 
 impl LocalCluster {
@@ -63,6 +68,8 @@ impl LocalCluster {
             cluster: "tessel".into(),
             env,
             bin: bin.to_path_buf(),
+            http: BTreeMap::new(),
+            node_args: Vec::new(),
         };
         for i in 1..=nodes {
             c.spawn(&format!("n{i}"))?;
@@ -72,16 +79,19 @@ impl LocalCluster {
 
     /// Starts (or restarts) a node.
     pub fn spawn(&mut self, id: &str) -> std::io::Result<()> {
+        let port = crate::natsd::free_port().map_err(std::io::Error::other)?;
+        let addr = format!("127.0.0.1:{port}");
         let spec = NodeSpec {
             bin: self.bin.clone(),
             id: id.into(),
             nats: self.nats.url(),
             cluster: self.cluster.clone(),
             env: self.env.clone(),
-            args: vec![],
+            args: [vec!["--http".into(), addr.clone()], self.node_args.clone()].concat(),
             log: self.dir.join(format!("{id}.log")),
         };
         self.nodes.insert(id.into(), NodeProc::spawn(spec)?);
+        self.http.insert(id.into(), addr);
         Ok(())
     }
 

@@ -21,7 +21,7 @@ use cluster::{NodeId, Slot, Weight};
 use futures::StreamExt;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
@@ -285,6 +285,12 @@ impl Actor for Coordinator {
             input,
         };
         Metrics::inc(&st.ctx.metrics.commands_total);
+        // Everything the step logs, and the KV work it starts, carries the node and its term.
+        let term = st
+            .core
+            .leadership
+            .map_or(st.core.highest_term.0, |l| l.term.0);
+        let _span = info_span!("coordinator", node = %st.ctx.me, term).entered();
         match core::step(&mut st.core, &cmd) {
             Ok(step) => {
                 for ev in &step.events {
@@ -399,22 +405,31 @@ fn perform(ctx: &NodeContext, me: &ActorRef<CoordMsg>, sup: &ActorRef<SupMsg>, a
             tokio::spawn(async move { answer(store.read_members().await) });
         }
         Action::AcquireLease { op, expected } => {
-            tokio::spawn(async move {
-                let outcome = store.acquire(&node, expected).await;
-                answer(Some(Input::LeaseReply { op, outcome }));
-            });
+            tokio::spawn(
+                async move {
+                    let outcome = store.acquire(&node, expected).await;
+                    answer(Some(Input::LeaseReply { op, outcome }));
+                }
+                .in_current_span(),
+            );
         }
         Action::RenewLease { op, term, expected } => {
-            tokio::spawn(async move {
-                let outcome = store.renew(&node, term, expected).await;
-                answer(Some(Input::LeaseReply { op, outcome }));
-            });
+            tokio::spawn(
+                async move {
+                    let outcome = store.renew(&node, term, expected).await;
+                    answer(Some(Input::LeaseReply { op, outcome }));
+                }
+                .in_current_span(),
+            );
         }
         Action::ReleaseLease { op, expected } => {
-            tokio::spawn(async move {
-                let outcome = store.release(expected).await;
-                answer(Some(Input::LeaseReply { op, outcome }));
-            });
+            tokio::spawn(
+                async move {
+                    let outcome = store.release(expected).await;
+                    answer(Some(Input::LeaseReply { op, outcome }));
+                }
+                .in_current_span(),
+            );
         }
         Action::WriteMap {
             op,
@@ -423,12 +438,15 @@ fn perform(ctx: &NodeContext, me: &ActorRef<CoordMsg>, sup: &ActorRef<SupMsg>, a
             lease_revision,
             fenced,
         } => {
-            tokio::spawn(async move {
-                let outcome = store
-                    .write_map(&node, &map, expected, lease_revision, fenced)
-                    .await;
-                answer(Some(Input::MapReply { op, outcome }));
-            });
+            tokio::spawn(
+                async move {
+                    let outcome = store
+                        .write_map(&node, &map, expected, lease_revision, fenced)
+                        .await;
+                    answer(Some(Input::MapReply { op, outcome }));
+                }
+                .in_current_span(),
+            );
         }
         Action::StartSlots(set) => {
             let _ = sup.cast(SupMsg::StartSlots(set));
@@ -665,7 +683,8 @@ impl Actor for NodeSupervisor {
                     if let std::collections::btree_map::Entry::Vacant(e) =
                         st.slots.entry(slot.get())
                     {
-                        e.insert(spawn_slot(&me, slot).await?);
+                        let span = info_span!("slot_host", node = %st.ctx.me, slot = slot.get());
+                        e.insert(spawn_slot(&me, slot).instrument(span).await?);
                         Metrics::inc(&st.ctx.metrics.slot_hosts_started_total);
                     }
                 }
@@ -674,6 +693,8 @@ impl Actor for NodeSupervisor {
                 }
             }
             SupMsg::StopSlots(set) => {
+                let _span =
+                    info_span!("stop_slots", node = %st.ctx.me, slots = set.len()).entered();
                 if let Some(hook) = &st.ctx.slot_hook {
                     hook(set, false);
                 }

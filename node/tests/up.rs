@@ -38,6 +38,11 @@ fn up_starts_a_settled_three_node_cluster_and_cleans_up() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("cannot read the applied rows in {last:?}"));
     assert!(applied > 0, "{last}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("tessel up: dashboard at http://127.0.0.1:")),
+        "{text}"
+    );
     for n in ["node-1", "node-2", "node-3"] {
         assert!(
             text.contains(&format!("{n} exited (exit status: 0)")),

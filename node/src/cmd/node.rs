@@ -166,6 +166,16 @@ async fn serve(cfg: NodeConfig) -> i32 {
         addr: cfg.http.clone(),
         started_at_ms: wall_ms(),
     };
+    // The dashboard's ring of topology events follows them from before this node takes part.
+    let events = Arc::new(crate::http::EventLog::default());
+    if cfg.http.is_some()
+        && let Err(e) = events
+            .clone()
+            .follow(client.clone(), &cfg.cluster, metrics.clone())
+            .await
+    {
+        warn!("cannot follow the topology events: {e}");
+    }
     let hook = match start_actors(&cfg, &me, client.clone(), metrics.clone(), &found).await {
         Ok(h) => h,
         Err(e) => {
@@ -204,6 +214,13 @@ async fn serve(cfg: NodeConfig) -> i32 {
                 node: me.to_string(),
                 metrics,
                 view,
+                cluster: cfg.cluster.clone(),
+                js: Some(
+                    async_nats::jetstream::ContextBuilder::new()
+                        .timeout(Duration::from_secs(2))
+                        .build(client.clone()),
+                ),
+                events,
             };
             match crate::http::serve(addr, state).await {
                 Ok(task) => Some(task),

@@ -94,15 +94,18 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let bin = current_binary()?;
     let replicas = if args.servers >= 3 { "3" } else { "1" };
     let mut nodes = Vec::new();
+    let mut dashboards = Vec::new();
     for i in 1..=args.nodes {
         let id = format!("node-{i}");
+        let http = format!("127.0.0.1:{}", crate::natsd::free_port()?);
+        dashboards.push(format!("http://{http}/"));
         let spec = NodeSpec {
             bin: bin.clone(),
             id: id.clone(),
             nats: url.clone(),
             cluster: args.cluster.clone(),
             env: vec![("TESSEL_REPLICAS".into(), replicas.into())],
-            args: vec![],
+            args: vec!["--http".into(), http],
             log: run_dir.join(format!("{id}.log")),
         };
         nodes.push(NodeProc::spawn(spec)?);
@@ -111,6 +114,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         "tessel up: nodes started; status below (also: tessel status --nats {url} --cluster {})",
         args.cluster
     );
+    if let Some(first) = dashboards.first() {
+        println!("tessel up: dashboard at {first} (metrics at {first}metrics)");
+        if dashboards.len() > 1 {
+            println!("tessel up: every node serves one: {}", dashboards.join(" "));
+        }
+    }
     println!("tessel up: press Ctrl-C to stop everything");
 
     let client = crate::connect::connect(
