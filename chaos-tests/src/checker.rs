@@ -1,0 +1,326 @@
+//! The checker: reads the tables and the actors' histories after the faults heal and compares
+//! them with the recorded operations.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::procs::CLUSTER;
+use crate::workload::{ACTORS, ActorOp, DeltaOp, MODEL, MODEL_ROWS, Outcome, op_rows};
+
+/// Examples kept per kind of finding.
+const EXAMPLES: usize = 10;
+
+/// The tables against the acknowledged deltas.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DeltaCheck {
+    /// Operations acknowledged.
+    pub acked: u64,
+    /// Operations whose outcome is unknown.
+    pub indeterminate: u64,
+    /// Of those, how many took effect (all rows 1).
+    pub indeterminate_applied: u64,
+    /// Acknowledged operations with a row missing.
+    pub lost: u64,
+    /// Operations with a row applied more than once.
+    pub doubled: u64,
+    /// Rows read.
+    pub rows_checked: u64,
+    /// How long the tables took to match (ms from the start of the check).
+    pub converged_ms: Option<u64>,
+    /// The last read error, if reading never succeeded.
+    pub read_error: Option<String>,
+    /// A few findings.
+    pub examples: Vec<String>,
+}
+
+/// Compares one reading with the operations.
+fn compare(ops: &[DeltaOp], values: &HashMap<u32, f32>) -> DeltaCheck {
+    let mut c = DeltaCheck::default();
+    for op in ops {
+        let ok = op.outcome == Outcome::Ok;
+        if ok {
+            c.acked += 1;
+        } else {
+            c.indeterminate += 1;
+        }
+        let vals: Vec<f32> = op_rows(op.id)
+            .iter()
+            .map(|r| values.get(r).copied().unwrap_or(f32::NAN))
+            .collect();
+        c.rows_checked += vals.len() as u64;
+        let doubled = vals.iter().any(|v| *v > 1.0);
+        let missing = vals.iter().any(|v| *v < 1.0 || v.is_nan());
+        if doubled {
+            c.doubled += 1;
+            if c.examples.len() < EXAMPLES {
+                c.examples
+                    .push(format!("op {} ({:?}) rows read {vals:?}: doubled", op.id, op.outcome));
+            }
+        }
+        if ok && missing {
+            c.lost += 1;
+            if c.examples.len() < EXAMPLES {
+                c.examples.push(format!(
+                    "op {} acknowledged at {} ms, rows read {vals:?}: lost",
+                    op.id, op.end_ms
+                ));
+            }
+        }
+        if !ok && vals.iter().all(|v| *v == 1.0) {
+            c.indeterminate_applied += 1;
+        }
+    }
+    c
+}
+
+/// Reads every row the operations wrote and compares, until nothing acknowledged is missing or
+/// `limit` passes (slot models may still be catching up after the heal).
+pub async fn check_deltas(client: &async_nats::Client, ops: &[DeltaOp], limit: Duration) -> DeltaCheck {
+    let mut rows: Vec<u32> = ops.iter().flat_map(|o| op_rows(o.id)).collect();
+    rows.sort_unstable();
+    let started = Instant::now();
+    let mut last: Option<DeltaCheck> = None;
+    let mut read_error = None;
+    loop {
+        match tessel_node::deltas::get_rows(client, CLUSTER, MODEL, MODEL_ROWS, &rows, Duration::from_secs(10))
+            .await
+        {
+            Ok(values) => {
+                let map: HashMap<u32, f32> = rows
+                    .iter()
+                    .zip(&values)
+                    .map(|(r, v)| (*r, v.first().copied().unwrap_or(f32::NAN)))
+                    .collect();
+                let mut c = compare(ops, &map);
+                if c.lost == 0 {
+                    c.converged_ms = Some(started.elapsed().as_millis() as u64);
+                    return c;
+                }
+                last = Some(c);
+            }
+            Err(e) => read_error = Some(e),
+        }
+        if started.elapsed() >= limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    match last {
+        Some(c) => c,
+        None => {
+            // Nothing could be read: every acknowledged operation counts as lost.
+            let mut c = compare(ops, &HashMap::new());
+            c.read_error = read_error;
+            c
+        }
+    }
+}
+
+/// The actors' histories against the acknowledged commands.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ActorCheck {
+    /// Commands acknowledged.
+    pub acked: u64,
+    /// Commands whose outcome is unknown.
+    pub indeterminate: u64,
+    /// Events read.
+    pub events: u64,
+    /// Acknowledged commands without their event.
+    pub lost: u64,
+    /// Commands whose event is in a history more than once.
+    pub doubled: u64,
+    /// Versions not above the one before, or an acknowledged version that differs from its
+    /// event's.
+    pub version_errors: u64,
+    /// Events no command of this run made.
+    pub unknown: u64,
+    /// A read error, if a history could not be read.
+    pub read_error: Option<String>,
+    /// A few findings.
+    pub examples: Vec<String>,
+}
+
+/// Reads one actor's events: (version, n) in stream order.
+async fn read_history(
+    js: &async_nats::jetstream::Context,
+    actor: &str,
+) -> anyhow::Result<Vec<(u64, i64)>> {
+    let stream = js.get_stream(format!("{CLUSTER}-events")).await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("{CLUSTER}.events.counter.{actor}"),
+            ..Default::default()
+        })
+        .await?;
+    let mut out = Vec::new();
+    let mut messages = consumer.messages().await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                let v: Value = serde_json::from_slice(&m.payload)?;
+                out.push((
+                    v["version"].as_u64().unwrap_or(0),
+                    v["data"]["n"].as_i64().unwrap_or(0),
+                ));
+                if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            Ok(Some(Err(e))) => anyhow::bail!("reading {actor}: {e}"),
+            // Nothing (more) to read.
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
+fn note(c: &mut ActorCheck, s: String) {
+    if c.examples.len() < EXAMPLES {
+        c.examples.push(s);
+    }
+}
+
+/// Checks every counter's history.
+pub async fn check_actors(js: &async_nats::jetstream::Context, ops: &[ActorOp]) -> ActorCheck {
+    let mut c = ActorCheck::default();
+    let by_n: HashMap<i64, &ActorOp> = ops.iter().map(|o| (o.n, o)).collect();
+    for o in ops {
+        if o.outcome == Outcome::Ok {
+            c.acked += 1;
+        } else {
+            c.indeterminate += 1;
+        }
+    }
+    for a in 0..ACTORS {
+        let actor = format!("c{a}");
+        let mut history = Err(anyhow::anyhow!("not read"));
+        for _ in 0..5 {
+            history = read_history(js, &actor).await;
+            if history.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let history = match history {
+            Ok(h) => h,
+            Err(e) => {
+                c.read_error = Some(e.to_string());
+                continue;
+            }
+        };
+        c.events += history.len() as u64;
+        let mut seen: BTreeMap<i64, u32> = BTreeMap::new();
+        let mut last_version = 0u64;
+        for (version, n) in &history {
+            if *version <= last_version {
+                c.version_errors += 1;
+                note(&mut c, format!("{actor}: version {version} after {last_version}"));
+            }
+            last_version = *version;
+            *seen.entry(*n).or_insert(0) += 1;
+            match by_n.get(n) {
+                None => {
+                    c.unknown += 1;
+                    note(&mut c, format!("{actor}: event n={n} from no command"));
+                }
+                Some(op) if op.actor != actor => {
+                    c.unknown += 1;
+                    note(&mut c, format!("{actor}: event n={n} sent to {}", op.actor));
+                }
+                Some(op) => {
+                    if let Some(v) = op.version
+                        && v != *version
+                    {
+                        c.version_errors += 1;
+                        note(
+                            &mut c,
+                            format!("{actor}: n={n} acknowledged at version {v}, stored at {version}"),
+                        );
+                    }
+                }
+            }
+        }
+        for op in ops.iter().filter(|o| o.actor == actor) {
+            let times = seen.get(&op.n).copied().unwrap_or(0);
+            if times > 1 {
+                c.doubled += 1;
+                note(&mut c, format!("{actor}: n={} stored {times} times", op.n));
+            }
+            if times == 0 && op.outcome == Outcome::Ok {
+                c.lost += 1;
+                note(
+                    &mut c,
+                    format!("{actor}: n={} acknowledged at {} ms, not stored", op.n, op.end_ms),
+                );
+            }
+        }
+    }
+    c
+}
+
+/// The longest stretch (ms) within `from..to` in which no operation was acknowledged.
+pub fn longest_gap(mut acks: Vec<u64>, from: u64, to: u64) -> u64 {
+    acks.retain(|t| (from..=to).contains(t));
+    acks.sort_unstable();
+    let mut prev = from;
+    let mut gap = 0;
+    for t in acks {
+        gap = gap.max(t - prev);
+        prev = t;
+    }
+    gap.max(to.saturating_sub(prev))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(id: u64, ok: bool) -> DeltaOp {
+        DeltaOp {
+            id,
+            start_ms: 0,
+            end_ms: 1,
+            outcome: if ok {
+                Outcome::Ok
+            } else {
+                Outcome::Indeterminate("timeout".into())
+            },
+        }
+    }
+
+    #[test]
+    fn acknowledged_rows_must_read_one_and_unknown_rows_zero_or_one() {
+        let ops = vec![op(0, true), op(1, true), op(2, false), op(3, false)];
+        let mut values: HashMap<u32, f32> = HashMap::new();
+        for r in op_rows(0) {
+            values.insert(r, 1.0);
+        }
+        // Op 1 lost one row.
+        for (i, r) in op_rows(1).into_iter().enumerate() {
+            values.insert(r, if i == 3 { 0.0 } else { 1.0 });
+        }
+        // Op 2 (unknown) applied; op 3 (unknown) applied twice in one row.
+        for r in op_rows(2) {
+            values.insert(r, 1.0);
+        }
+        for (i, r) in op_rows(3).into_iter().enumerate() {
+            values.insert(r, if i == 0 { 2.0 } else { 0.0 });
+        }
+        let c = compare(&ops, &values);
+        assert_eq!((c.acked, c.indeterminate), (2, 2));
+        assert_eq!(c.lost, 1);
+        assert_eq!(c.doubled, 1);
+        assert_eq!(c.indeterminate_applied, 1);
+    }
+
+    #[test]
+    fn the_longest_gap_counts_the_edges() {
+        assert_eq!(longest_gap(vec![10, 20, 70], 0, 100), 50);
+        assert_eq!(longest_gap(vec![], 0, 100), 100);
+        assert_eq!(longest_gap(vec![5, 95], 0, 100), 90);
+    }
+}
