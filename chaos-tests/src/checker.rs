@@ -27,6 +27,8 @@ pub struct DeltaCheck {
     pub lost: u64,
     /// Operations with a row applied more than once.
     pub doubled: u64,
+    /// Acknowledged operations with a row that could not be read (its slot did not answer).
+    pub unreadable: u64,
     /// Rows read.
     pub rows_checked: u64,
     /// How long the tables took to match (ms from the start of the check).
@@ -53,20 +55,25 @@ fn compare(ops: &[DeltaOp], values: &HashMap<u32, f32>) -> DeltaCheck {
             .collect();
         c.rows_checked += vals.len() as u64;
         let doubled = vals.iter().any(|v| *v > 1.0);
-        let missing = vals.iter().any(|v| *v < 1.0 || v.is_nan());
+        let missing = vals.iter().any(|v| *v < 1.0);
+        if ok && vals.iter().any(|v| v.is_nan()) {
+            c.unreadable += 1;
+        }
         if doubled {
             c.doubled += 1;
             if c.examples.len() < EXAMPLES {
-                c.examples
-                    .push(format!("op {} ({:?}) rows read {vals:?}: doubled", op.id, op.outcome));
+                c.examples.push(format!(
+                    "op {} ({:?}) rows read {vals:?}: doubled",
+                    op.id, op.outcome
+                ));
             }
         }
         if ok && missing {
             c.lost += 1;
             if c.examples.len() < EXAMPLES {
                 c.examples.push(format!(
-                    "op {} acknowledged at {} ms, rows read {vals:?}: lost",
-                    op.id, op.end_ms
+                    "op {} sent at {} ms, acknowledged at {} ms, rows read {vals:?}: lost",
+                    op.id, op.start_ms, op.end_ms
                 ));
             }
         }
@@ -77,46 +84,65 @@ fn compare(ops: &[DeltaOp], values: &HashMap<u32, f32>) -> DeltaCheck {
     c
 }
 
+/// Reads rows slot by slot; rows of a slot that does not answer read NaN. Returns the values
+/// and the last error.
+async fn read_rows(
+    client: &async_nats::Client,
+    rows: &[u32],
+) -> (HashMap<u32, f32>, Option<String>) {
+    let mut by_slot: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for &r in rows {
+        by_slot
+            .entry(u64::from(r) / crate::workload::ROWS_PER_SLOT)
+            .or_default()
+            .push(r);
+    }
+    let mut out = HashMap::new();
+    let mut error = None;
+    for (slot, rows) in by_slot {
+        match tessel_node::deltas::get_rows(
+            client,
+            CLUSTER,
+            MODEL,
+            MODEL_ROWS,
+            &rows,
+            Duration::from_secs(3),
+        )
+        .await
+        {
+            Ok(values) => {
+                for (r, v) in rows.iter().zip(&values) {
+                    out.insert(*r, v.first().copied().unwrap_or(f32::NAN));
+                }
+            }
+            Err(e) => error = Some(format!("slot {slot}: {e}")),
+        }
+    }
+    (out, error)
+}
+
 /// Reads every row the operations wrote and compares, until nothing acknowledged is missing or
-/// `limit` passes (slot models may still be catching up after the heal).
-pub async fn check_deltas(client: &async_nats::Client, ops: &[DeltaOp], limit: Duration) -> DeltaCheck {
+/// unreadable, or `limit` passes (slot models may still be catching up after the heal).
+pub async fn check_deltas(
+    client: &async_nats::Client,
+    ops: &[DeltaOp],
+    limit: Duration,
+) -> DeltaCheck {
     let mut rows: Vec<u32> = ops.iter().flat_map(|o| op_rows(o.id)).collect();
     rows.sort_unstable();
     let started = Instant::now();
-    let mut last: Option<DeltaCheck> = None;
-    let mut read_error = None;
     loop {
-        match tessel_node::deltas::get_rows(client, CLUSTER, MODEL, MODEL_ROWS, &rows, Duration::from_secs(10))
-            .await
-        {
-            Ok(values) => {
-                let map: HashMap<u32, f32> = rows
-                    .iter()
-                    .zip(&values)
-                    .map(|(r, v)| (*r, v.first().copied().unwrap_or(f32::NAN)))
-                    .collect();
-                let mut c = compare(ops, &map);
-                if c.lost == 0 {
-                    c.converged_ms = Some(started.elapsed().as_millis() as u64);
-                    return c;
-                }
-                last = Some(c);
+        let (values, error) = read_rows(client, &rows).await;
+        let mut c = compare(ops, &values);
+        c.read_error = error;
+        if (c.lost == 0 && c.unreadable == 0) || started.elapsed() >= limit {
+            if c.lost == 0 && c.unreadable == 0 {
+                c.converged_ms = Some(started.elapsed().as_millis() as u64);
+                c.read_error = None;
             }
-            Err(e) => read_error = Some(e),
-        }
-        if started.elapsed() >= limit {
-            break;
+            return c;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    match last {
-        Some(c) => c,
-        None => {
-            // Nothing could be read: every acknowledged operation counts as lost.
-            let mut c = compare(ops, &HashMap::new());
-            c.read_error = read_error;
-            c
-        }
     }
 }
 
@@ -218,7 +244,10 @@ pub async fn check_actors(js: &async_nats::jetstream::Context, ops: &[ActorOp]) 
         for (version, n) in &history {
             if *version <= last_version {
                 c.version_errors += 1;
-                note(&mut c, format!("{actor}: version {version} after {last_version}"));
+                note(
+                    &mut c,
+                    format!("{actor}: version {version} after {last_version}"),
+                );
             }
             last_version = *version;
             *seen.entry(*n).or_insert(0) += 1;
@@ -238,7 +267,9 @@ pub async fn check_actors(js: &async_nats::jetstream::Context, ops: &[ActorOp]) 
                         c.version_errors += 1;
                         note(
                             &mut c,
-                            format!("{actor}: n={n} acknowledged at version {v}, stored at {version}"),
+                            format!(
+                                "{actor}: n={n} acknowledged at version {v}, stored at {version}"
+                            ),
                         );
                     }
                 }
@@ -254,7 +285,10 @@ pub async fn check_actors(js: &async_nats::jetstream::Context, ops: &[ActorOp]) 
                 c.lost += 1;
                 note(
                     &mut c,
-                    format!("{actor}: n={} acknowledged at {} ms, not stored", op.n, op.end_ms),
+                    format!(
+                        "{actor}: n={} sent at {} ms, acknowledged at {} ms, not stored",
+                        op.n, op.start_ms, op.end_ms
+                    ),
                 );
             }
         }

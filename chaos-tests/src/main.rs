@@ -130,7 +130,8 @@ struct Report {
     max_unavailable_ms: u64,
     max_unavailable_deltas_ms: u64,
     max_unavailable_actors_ms: u64,
-    /// From the end of the last fault until every node is back, Active and owning slots.
+    /// The longest time from a fault's end until every node was back, Active and owning
+    /// slots.
     heal_ms: Option<u64>,
     leaders_per_term_ok: bool,
     terms_seen: usize,
@@ -331,28 +332,36 @@ async fn drive(
     create_model(&client).await?;
 
     // Workload, then faults until the duration is over.
-    let workload = workload::Workload::start(client.clone(), started, 2);
+    let workload = workload::Workload::start(client.clone(), started, 1);
     let faults_from = started.elapsed().as_millis() as u64;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut faults = Vec::new();
+    let mut unhealed = Vec::new();
     let deadline = Instant::now() + args.duration;
     while Instant::now() < deadline {
         let f = pool[rng.index(pool.len())];
-        let record = nemesis::inject(f, procs, &js, &mut rng).await?;
-        faults.push(record);
         let gap = rng.range(2_000, 6_000);
+        let mut record = nemesis::inject(f, procs, &js, &mut rng).await?;
+        // Every fault heals before the next: the time to settle is the fault's heal time.
+        let heal_from = Instant::now();
+        match wait_settled(procs, &js, &all_nodes, HEAL_LIMIT).await {
+            Ok(()) => record.heal_ms = Some(heal_from.elapsed().as_millis() as u64),
+            Err(e) => {
+                unhealed.push(format!("{} at {} ms: {e:#}", record.kind, record.start_ms));
+                nemesis::heal_everything(procs).await?;
+            }
+        }
+        faults.push(record);
         let left = deadline.saturating_duration_since(Instant::now());
-        let pause = Duration::from_millis(gap).min(left);
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(Duration::from_millis(gap).min(left)).await;
         procs.check_exits();
     }
     let faults_to = started.elapsed().as_millis() as u64;
 
-    // Heal and wait for the cluster to settle on every node.
+    // Heal whatever is left and check that every slot is owned by a live node.
     nemesis::heal_everything(procs).await?;
-    let heal_from = Instant::now();
     let healed = wait_settled(procs, &js, &all_nodes, HEAL_LIMIT).await;
-    let heal_ms = healed.is_ok().then(|| heal_from.elapsed().as_millis() as u64);
+    let heal_ms = faults.iter().filter_map(|f| f.heal_ms).max();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let history = workload.stop().await;
     procs.check_exits();
@@ -362,7 +371,10 @@ async fn drive(
     let deltas = checker::check_deltas(&client, &history.deltas, CONVERGE_LIMIT).await;
     let actors = checker::check_actors(&js, &history.actors).await;
     let ok_ends = |ops: Vec<(bool, u64)>| -> Vec<u64> {
-        ops.into_iter().filter(|(ok, _)| *ok).map(|(_, t)| t).collect()
+        ops.into_iter()
+            .filter(|(ok, _)| *ok)
+            .map(|(_, t)| t)
+            .collect()
     };
     let delta_acks = ok_ends(
         history
@@ -392,7 +404,12 @@ async fn drive(
 
     let mut failures = Vec::new();
     if let Err(e) = &healed {
-        failures.push(format!("not healed within {HEAL_LIMIT:?}: {e:#}"));
+        failures.push(format!(
+            "not settled at the end within {HEAL_LIMIT:?}: {e:#}"
+        ));
+    }
+    for u in &unhealed {
+        failures.push(format!("not healed within {HEAL_LIMIT:?}: {u}"));
     }
     let lost = deltas.lost + actors.lost;
     let doubled = deltas.doubled + actors.doubled;
@@ -402,8 +419,12 @@ async fn drive(
     if doubled > 0 {
         failures.push(format!("{doubled} operations applied twice"));
     }
-    if let Some(e) = &deltas.read_error {
-        failures.push(format!("tables unreadable: {e}"));
+    if deltas.unreadable > 0 {
+        failures.push(format!(
+            "{} acknowledged delta operations unreadable after {CONVERGE_LIMIT:?}: {}",
+            deltas.unreadable,
+            deltas.read_error.as_deref().unwrap_or("")
+        ));
     }
     if let Some(e) = &actors.read_error {
         failures.push(format!("histories unreadable: {e}"));
@@ -447,7 +468,7 @@ async fn drive(
         terms_seen: leadership.leaders.len(),
         split_terms,
         map_regressions,
-        slots_owned_by_live_nodes: healed.is_ok(),
+        slots_owned_by_live_nodes: healed.is_ok() && unhealed.is_empty(),
         crashes: procs.crashes.clone(),
         deltas,
         actors,
@@ -470,11 +491,7 @@ async fn wait_settled(
         match tessel_node::status::read(js, procs::CLUSTER).await {
             Ok(s) => {
                 let owners: Vec<String> = s.counts().keys().cloned().collect();
-                let active = s
-                    .nodes
-                    .iter()
-                    .filter(|n| n.status == "Active")
-                    .count();
+                let active = s.nodes.iter().filter(|n| n.status == "Active").count();
                 if s.settled() && owners == nodes && active >= nodes.len() {
                     return Ok(());
                 }
@@ -538,6 +555,10 @@ mod tests {
         for f in nemesis::Fault::ALL {
             assert_ne!(f.name(), "?");
         }
-        assert!(SCENARIOS.iter().any(|(n, f, _)| *n == "mixed" && f.is_none()));
+        assert!(
+            SCENARIOS
+                .iter()
+                .any(|(n, f, _)| *n == "mixed" && f.is_none())
+        );
     }
 }

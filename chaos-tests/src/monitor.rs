@@ -85,7 +85,9 @@ impl Leadership {
 }
 
 /// Starts the watch and the subscription; they run until the returned handles are aborted.
-pub fn start(client: async_nats::Client) -> (Arc<Mutex<Leadership>>, Vec<tokio::task::JoinHandle<()>>) {
+pub fn start(
+    client: async_nats::Client,
+) -> (Arc<Mutex<Leadership>>, Vec<tokio::task::JoinHandle<()>>) {
     let seen = Arc::new(Mutex::new(Leadership::default()));
     let watch = tokio::spawn(watch_control(client.clone(), seen.clone()));
     let events = tokio::spawn(watch_events(client, seen.clone()));
@@ -165,10 +167,31 @@ mod tests {
             "noise\n{\"fields\":{\"message\":\"elected leader\",\"node\":\"n3\",\"term\":9}}",
         );
         assert_eq!(l.split_terms(), vec![(9, vec!["n2".into(), "n3".into()])]);
-        l.maps.insert(1, MapSeen { revision: 1, epoch: 1, term: 5 });
-        l.maps.insert(3, MapSeen { revision: 3, epoch: 2, term: 9 });
+        l.maps.insert(
+            1,
+            MapSeen {
+                revision: 1,
+                epoch: 1,
+                term: 5,
+            },
+        );
+        l.maps.insert(
+            3,
+            MapSeen {
+                revision: 3,
+                epoch: 2,
+                term: 9,
+            },
+        );
         assert!(l.map_regressions().is_empty());
-        l.maps.insert(4, MapSeen { revision: 4, epoch: 3, term: 5 });
+        l.maps.insert(
+            4,
+            MapSeen {
+                revision: 4,
+                epoch: 3,
+                term: 5,
+            },
+        );
         assert_eq!(l.map_regressions().len(), 1);
     }
 }

@@ -33,8 +33,16 @@ pub enum Fault {
 
 /// The scenarios: name, fault (None: mixed), whether partitions are needed, description.
 pub const SCENARIOS: [(&str, Option<Fault>, &str); 9] = [
-    ("leader-kill", Some(Fault::LeaderKill), "kill -9 the leader, restart it"),
-    ("node-kill", Some(Fault::NodeKill), "kill -9 random nodes, restart them"),
+    (
+        "leader-kill",
+        Some(Fault::LeaderKill),
+        "kill -9 the leader, restart it",
+    ),
+    (
+        "node-kill",
+        Some(Fault::NodeKill),
+        "kill -9 random nodes, restart them",
+    ),
     (
         "pause",
         Some(Fault::Pause),
@@ -111,6 +119,9 @@ pub struct FaultRecord {
     pub start_ms: u64,
     /// When it was healed.
     pub healed_ms: u64,
+    /// From the heal until every node was Active again and owned slots (None: not within the
+    /// bound).
+    pub heal_ms: Option<u64>,
 }
 
 /// Sleeps `ms`, noting unexpected exits every second.
@@ -214,8 +225,9 @@ pub async fn inject(
             rng.shuffle(&mut pool);
             let k = rng.range(1, ((nodes.len() - 1) / 2) as u64) as usize;
             let cut_ms = rng.range(3_000, 14_000);
-            let minority: Vec<String> =
-                std::iter::once(server).chain(pool.into_iter().take(k)).collect();
+            let minority: Vec<String> = std::iter::once(server)
+                .chain(pool.into_iter().take(k))
+                .collect();
             let mut majority: Vec<String> = servers
                 .iter()
                 .chain(&nodes)
@@ -266,7 +278,11 @@ pub async fn inject(
         Fault::ClockSkew => {
             let target = nodes[rng.index(nodes.len())].clone();
             let magnitude = rng.range(1_000, 600_000) as i64;
-            let offset = if rng.below(2) == 0 { magnitude } else { -magnitude };
+            let offset = if rng.below(2) == 0 {
+                magnitude
+            } else {
+                -magnitude
+            };
             let skewed_ms = rng.range(4_000, 10_000);
             procs.stop(&target, Duration::from_secs(15)).await?;
             procs.set_clock_offset(&target, offset)?;
@@ -285,6 +301,7 @@ pub async fn inject(
         detail,
         start_ms,
         healed_ms: procs.now_ms(),
+        heal_ms: None,
     })
 }
 

@@ -226,14 +226,6 @@ impl Net {
         }
     }
 
-    /// The cuts in force.
-    pub fn cuts(&self) -> usize {
-        match self {
-            Net::Loopback => 0,
-            Net::Netns(n) => n.cuts.len(),
-        }
-    }
-
     /// A short description for the report.
     pub fn describe(&self) -> String {
         match self {

@@ -25,6 +25,10 @@ pub const LEASE_TTL_MS: u64 = 2_000;
 /// The membership TTL (above a stream-leader election, see docs/operations.md).
 pub const MEMBER_TTL_MS: u64 = 10_000;
 
+/// How long a node's KV request may take (the default, 500 ms, is short for three servers on a
+/// loaded machine; it must stay under the lease TTL).
+pub const REQUEST_TIMEOUT_MS: u64 = 1_000;
+
 /// What a process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -262,6 +266,7 @@ impl Procs {
                     ("TESSEL_LEASE_TTL_MS", LEASE_TTL_MS.to_string()),
                     ("TESSEL_MEMBER_TTL_MS", MEMBER_TTL_MS.to_string()),
                     ("TESSEL_HEARTBEAT_INTERVAL_MS", "1000".to_string()),
+                    ("TESSEL_REQUEST_TIMEOUT_MS", REQUEST_TIMEOUT_MS.to_string()),
                     ("TESSEL_DRAIN_TIMEOUT_MS", "10000".to_string()),
                     ("TESSEL_CONNECT_RETRY_FOR_MS", "0".to_string()),
                     ("TESSEL_CLOCK_OFFSET_MS", p.clock_offset_ms.to_string()),
@@ -289,15 +294,21 @@ impl Procs {
         let addr = (p.ip, p.port);
         let started = Instant::now();
         while started.elapsed() < limit {
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr))
-                    .await
+            if let Ok(Ok(_)) = tokio::time::timeout(
+                Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
             {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        anyhow::bail!("{name} not listening on {}:{} after {limit:?}", p.ip, p.port)
+        anyhow::bail!(
+            "{name} not listening on {}:{} after {limit:?}",
+            p.ip,
+            p.port
+        )
     }
 
     /// SIGKILL a process and reap it.

@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actors::es::ActorKey;
+use serde_json::json;
 use tessel_node::client::ActorClient;
 use tessel_node::deltas::Producer;
-use serde_json::json;
 use tokio::sync::Mutex;
 
 /// Slots of the model.
@@ -186,8 +186,7 @@ async fn produce(
         let rows = op_rows(id);
         let values = vec![1.0f32; rows.len()];
         let start_ms = ms(started);
-        let outcome = match tokio::time::timeout(OP_TIMEOUT, producer.send(&rows, &values)).await
-        {
+        let outcome = match tokio::time::timeout(OP_TIMEOUT, producer.send(&rows, &values)).await {
             Ok(Ok(sent)) if sent.rows == OPS_ROWS => Outcome::Ok,
             Ok(Ok(sent)) => Outcome::Indeterminate(format!("{} rows acknowledged", sent.rows)),
             Ok(Err(e)) => Outcome::Indeterminate(e.to_string()),
@@ -205,7 +204,7 @@ async fn produce(
             producer = new_producer(generation);
             tokio::time::sleep(Duration::from_millis(100)).await;
         } else {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
         }
     }
 }
@@ -241,7 +240,7 @@ async fn ask(
             outcome,
             version,
         });
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -255,10 +254,7 @@ mod tests {
         let mut seen = HashSet::new();
         for i in [0, 1, 127, 128, 129, MAX_DELTA_OPS - 1] {
             let rows = op_rows(i);
-            let slots: HashSet<u64> = rows
-                .iter()
-                .map(|&r| u64::from(r) / ROWS_PER_SLOT)
-                .collect();
+            let slots: HashSet<u64> = rows.iter().map(|&r| u64::from(r) / ROWS_PER_SLOT).collect();
             assert_eq!(slots.len(), OPS_ROWS as usize);
             for r in rows {
                 assert!(u64::from(r) < MODEL_ROWS);
