@@ -31,6 +31,15 @@ pub struct DeltaCheck {
     pub unreadable: u64,
     /// Rows read.
     pub rows_checked: u64,
+    /// Of the lost operations, those with a row whose frame is not in the deltas stream
+    /// (lost by the pipeline before storage); the rest were stored but not applied.
+    pub lost_in_stream: u64,
+    /// Delta frames in the stream for this model.
+    pub stream_frames: u64,
+    /// Frames the slot owners dead-lettered.
+    pub dlq_frames: u64,
+    /// Slots holding a row of a lost operation (at most 32 listed).
+    pub lost_slots: Vec<u64>,
     /// How long the tables took to match (ms from the start of the check).
     pub converged_ms: Option<u64>,
     /// The last read error, if reading never succeeded.
@@ -125,6 +134,7 @@ async fn read_rows(
 /// unreadable, or `limit` passes (slot models may still be catching up after the heal).
 pub async fn check_deltas(
     client: &async_nats::Client,
+    js: &async_nats::jetstream::Context,
     ops: &[DeltaOp],
     limit: Duration,
 ) -> DeltaCheck {
@@ -135,15 +145,91 @@ pub async fn check_deltas(
         let (values, error) = read_rows(client, &rows).await;
         let mut c = compare(ops, &values);
         c.read_error = error;
-        if (c.lost == 0 && c.unreadable == 0) || started.elapsed() >= limit {
-            if c.lost == 0 && c.unreadable == 0 {
-                c.converged_ms = Some(started.elapsed().as_millis() as u64);
-                c.read_error = None;
-            }
+        if c.lost == 0 && c.unreadable == 0 {
+            c.converged_ms = Some(started.elapsed().as_millis() as u64);
+            c.read_error = None;
+            return c;
+        }
+        if started.elapsed() >= limit {
+            locate_losses(js, ops, &mut c, &values).await;
             return c;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// Counts, per row, how many stored frames of the model's deltas stream carry it, and the
+/// frames in the dead-letter subject. Tells a delta lost before storage from one stored but
+/// not applied.
+pub async fn stream_tally(
+    js: &async_nats::jetstream::Context,
+) -> anyhow::Result<(HashMap<u32, u32>, u64, u64)> {
+    let stream = js.get_stream(format!("{CLUSTER}-deltas")).await?;
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: format!("{CLUSTER}.delta.{MODEL}.>"),
+            ..Default::default()
+        })
+        .await?;
+    let dlq = tessel_node::deltas::dlq_subject(CLUSTER, MODEL);
+    let mut rows: HashMap<u32, u32> = HashMap::new();
+    let (mut frames, mut dead) = (0u64, 0u64);
+    let mut messages = consumer.messages().await?;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                if m.subject.as_str() == dlq {
+                    dead += 1;
+                } else {
+                    frames += 1;
+                    if let Ok(f) = actors::frame::Frame::decode(&m.payload) {
+                        for r in f.rows() {
+                            *rows.entry(r).or_insert(0) += 1;
+                        }
+                    }
+                }
+                if m.info().map(|i| i.pending).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            Ok(Some(Err(e))) => anyhow::bail!("reading the deltas stream: {e}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    Ok((rows, frames, dead))
+}
+
+/// Adds to a check with lost operations where they were lost.
+pub async fn locate_losses(
+    js: &async_nats::jetstream::Context,
+    ops: &[DeltaOp],
+    c: &mut DeltaCheck,
+    values: &HashMap<u32, f32>,
+) {
+    let Ok((stored, frames, dead)) = stream_tally(js).await else {
+        return;
+    };
+    c.stream_frames = frames;
+    c.dlq_frames = dead;
+    let mut slots = std::collections::BTreeSet::new();
+    for op in ops.iter().filter(|o| o.outcome == Outcome::Ok) {
+        let rows = op_rows(op.id);
+        let mut lost = false;
+        for r in &rows {
+            if values.get(r).is_some_and(|v| *v < 1.0) {
+                lost = true;
+                slots.insert(u64::from(*r) / crate::workload::ROWS_PER_SLOT);
+            }
+        }
+        if lost
+            && rows
+                .iter()
+                .any(|r| stored.get(r).copied().unwrap_or(0) == 0)
+        {
+            c.lost_in_stream += 1;
+        }
+    }
+    c.lost_slots = slots.into_iter().take(32).collect();
 }
 
 /// The actors' histories against the acknowledged commands.

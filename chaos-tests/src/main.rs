@@ -368,7 +368,7 @@ async fn drive(
 
     // Check.
     let history = history.lock().await;
-    let deltas = checker::check_deltas(&client, &history.deltas, CONVERGE_LIMIT).await;
+    let deltas = checker::check_deltas(&client, &js, &history.deltas, CONVERGE_LIMIT).await;
     let actors = checker::check_actors(&js, &history.actors).await;
     let ok_ends = |ops: Vec<(bool, u64)>| -> Vec<u64> {
         ops.into_iter()
@@ -414,7 +414,11 @@ async fn drive(
     let lost = deltas.lost + actors.lost;
     let doubled = deltas.doubled + actors.doubled;
     if lost > 0 {
-        failures.push(format!("{lost} acknowledged operations lost"));
+        failures.push(format!(
+            "{lost} acknowledged operations lost (deltas {}: {} not in the stream, the rest stored \
+             but not in the tables; actor commands {})",
+            deltas.lost, deltas.lost_in_stream, actors.lost
+        ));
     }
     if doubled > 0 {
         failures.push(format!("{doubled} operations applied twice"));
