@@ -29,6 +29,9 @@ pub const MEMBER_TTL_MS: u64 = 10_000;
 /// loaded machine; it must stay under the lease TTL).
 pub const REQUEST_TIMEOUT_MS: u64 = 1_000;
 
+/// How often a slot that received deltas checkpoints (the default is 10 s).
+pub const CHECKPOINT_INTERVAL_MS: u64 = 30_000;
+
 /// What a process is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -248,9 +251,13 @@ impl Procs {
                 c
             }
             Kind::Node => {
+                let config = self.dir.join("node.toml");
+                std::fs::write(
+                    &config,
+                    format!("checkpoint_interval_ms = {CHECKPOINT_INTERVAL_MS}\n"),
+                )?;
                 let mut c = self.net.command(name, &self.tessel_bin);
-                c.args([
-                    "node",
+                c.arg("node").arg("--config").arg(&config).args([
                     "--nats",
                     &self.nats_urls().join(","),
                     "--node-id",
