@@ -351,6 +351,16 @@ async fn drive(
                 nemesis::heal_everything(procs).await?;
             }
         }
+        eprintln!(
+            "[{:>7} ms] {} {:?} {}; healed in {}",
+            record.start_ms,
+            record.kind,
+            record.targets,
+            record.detail,
+            record
+                .heal_ms
+                .map_or("more than the bound".into(), |h| format!("{h} ms"))
+        );
         faults.push(record);
         let left = deadline.saturating_duration_since(Instant::now());
         tokio::time::sleep(Duration::from_millis(gap).min(left)).await;
