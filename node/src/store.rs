@@ -21,6 +21,10 @@ use tracing::warn;
 use crate::metrics::Metrics;
 use crate::records::{self, MemberRecord};
 
+/// How long a failed KV write waits before it is reported (so a write that fails at once is
+/// not retried in a tight loop).
+pub const FAILED_WRITE_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The lease key.
 pub const LEASE_KEY: &str = "leader";
 /// The map key.
@@ -457,7 +461,8 @@ impl Store {
         None
     }
 
-    /// Publishes one KV write with the given headers and classifies the outcome.
+    /// Publishes one KV write with the given headers and classifies the outcome. A failure is
+    /// reported no sooner than [`FAILED_WRITE_PAUSE`] after it happened.
     async fn write(&self, subject: String, headers: HeaderMap, payload: Bytes) -> KvOutcome {
         let ack = match self
             .js
@@ -477,6 +482,11 @@ impl Store {
             Err(e) => {
                 Metrics::inc(&self.metrics.kv_errors_total);
                 warn!(error = %e, "KV write failed");
+                // A server without the stream (a NATS server restarting, a stream leader being
+                // elected) refuses at once, and the core answers a failure with the next write:
+                // pausing here bounds that loop to one write per pause instead of thousands a
+                // second.
+                tokio::time::sleep(FAILED_WRITE_PAUSE).await;
                 KvOutcome::Failed
             }
         }
