@@ -1011,7 +1011,7 @@ pub async fn get_rows(
     for (slot, items) in by_slot {
         let slot = Slot::new(u64::from(slot)).map_err(|e| e.to_string())?;
         let body = json!({"rows": items.iter().map(|(_, r)| r).collect::<Vec<_>>()});
-        let v = read_request(
+        let (got, _) = read_request(
             client,
             cluster,
             model,
@@ -1021,18 +1021,8 @@ pub async fn get_rows(
             timeout,
         )
         .await?;
-        let got = v["ok"]["rows"]
-            .as_array()
-            .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
         for ((i, _), row) in items.iter().zip(got) {
-            out[*i] = row
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_f64().map(|f| f as f32))
-                        .collect()
-                })
-                .unwrap_or_default();
+            out[*i] = row;
         }
     }
     Ok(out)
@@ -1361,8 +1351,38 @@ impl ModelHost {
     }
 }
 
-/// Sends a read to a slot's owner, retrying (while a slot moves) until `timeout`.
+/// Sends a read to a slot's owner, retrying (while a slot moves) until `timeout`; returns the
+/// rows asked for (in order) and the slot's applied position.
 async fn read_request(
+    client: &async_nats::Client,
+    cluster: &str,
+    model: &str,
+    slot: Slot,
+    body: &Value,
+    attempt: Duration,
+    timeout: Duration,
+) -> Result<(Vec<Vec<f32>>, u64), String> {
+    let v = read_reply(client, cluster, model, slot, body, attempt, timeout).await?;
+    let got = v["ok"]["rows"]
+        .as_array()
+        .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
+    let rows = got
+        .iter()
+        .map(|row| {
+            row.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_f64().map(|f| f as f32))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    Ok((rows, v["ok"]["position"].as_u64().unwrap_or(0)))
+}
+
+/// The reply to a read, as JSON.
+async fn read_reply(
     client: &async_nats::Client,
     cluster: &str,
     model: &str,
@@ -1402,7 +1422,7 @@ pub async fn get_slot(
     let range = slot_rows(total_rows, slot);
     let rows: Vec<u64> = range.collect();
     let body = json!({"rows": rows});
-    let v = read_request(
+    let (got, position) = read_request(
         client,
         cluster,
         model,
@@ -1412,15 +1432,7 @@ pub async fn get_slot(
         timeout,
     )
     .await?;
-    let got = v["ok"]["rows"]
-        .as_array()
-        .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
-    let data: Vec<f32> = got
-        .iter()
-        .flat_map(|r| r.as_array().cloned().unwrap_or_default())
-        .filter_map(|x| x.as_f64().map(|f| f as f32))
-        .collect();
-    Ok((data, v["ok"]["position"].as_u64().unwrap_or(0)))
+    Ok((got.concat(), position))
 }
 
 /// Where a pass over the stream is (for progress bars).

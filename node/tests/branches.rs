@@ -5,14 +5,13 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use actors::es::ActorKey;
 use common::{SETTLE, TestCluster};
 use serde_json::{Value, json};
 use tessel_node::client::ActorClient;
-use tessel_node::deltas::{Producer, get_rows};
+use tessel_node::deltas::Producer;
 
 const ROWS: u64 = 2_048;
 const DIM: u32 = 2;
@@ -60,51 +59,6 @@ async fn serving(c: &TestCluster, model: &str) {
         .await
         .unwrap();
     wait_serving(c, model).await;
-}
-
-/// Every row of `model` equals `expect` (missing rows 0) in both columns, within 40 s.
-async fn wait_equal(c: &TestCluster, model: &str, expect: &HashMap<u32, f32>) {
-    let rows: Vec<u32> = (0..ROWS as u32).collect();
-    let started = Instant::now();
-    let mut last = String::new();
-    while started.elapsed() < Duration::from_secs(40) {
-        match get_rows(
-            &c.client,
-            "tessel",
-            model,
-            ROWS,
-            &rows,
-            Duration::from_secs(5),
-        )
-        .await
-        {
-            Ok(values) => {
-                let diff: Vec<(u32, f32, Vec<f32>)> = rows
-                    .iter()
-                    .zip(&values)
-                    .filter_map(|(r, v)| {
-                        let want = expect.get(r).copied().unwrap_or(0.0);
-                        v.iter().any(|x| *x != want).then(|| (*r, want, v.clone()))
-                    })
-                    .collect();
-                if diff.is_empty() {
-                    return;
-                }
-                last = format!(
-                    "{model}: {} rows differ, e.g. {:?}",
-                    diff.len(),
-                    &diff[..diff.len().min(5)]
-                );
-            }
-            Err(e) => last = format!("read failed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let logs: String = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| format!("--- {n}\n{}", c.log(n)))
-        .collect();
-    panic!("{last}\n{logs}");
 }
 
 /// The stderr of a `--quiet` replay.
@@ -167,19 +121,26 @@ async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
     );
     assert!(out.status.success(), "{out:?}");
     wait_serving(&c, "b").await;
-    wait_equal(&c, "b", &[(1, 1.0), (2, 1.0), (3, 1.0)].into()).await;
+    common::wait_equal(&c, "b", ROWS, &[(1, 1.0), (2, 1.0), (3, 1.0)].into()).await;
 
     // Deltas to the branch leave main alone; main goes on (row 2 changes on both sides).
     let mut side = producer(&c, "b", 2);
     send(&mut side, &[(2, 100.0), (5, 100.0)]).await;
     send(&mut main, &[(2, 10.0)]).await;
-    wait_equal(
+    common::wait_equal(
         &c,
         "b",
+        ROWS,
         &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0)].into(),
     )
     .await;
-    wait_equal(&c, "m", &[(1, 11.0), (2, 11.0), (3, 1.0), (4, 10.0)].into()).await;
+    common::wait_equal(
+        &c,
+        "m",
+        ROWS,
+        &[(1, 11.0), (2, 11.0), (3, 1.0), (4, 10.0)].into(),
+    )
+    .await;
     // Replay rebuilds the branch from the fork state plus its own stream, bit for bit.
     let v = stdout_json(&tessel(
         &c,
@@ -239,9 +200,10 @@ async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
     assert!(out.status.success(), "{out:?}");
     wait_serving(&c, "b2").await;
     send(&mut producer(&c, "b2", 3), &[(7, 1.0)]).await;
-    wait_equal(
+    common::wait_equal(
         &c,
         "b2",
+        ROWS,
         &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0), (7, 1.0)].into(),
     )
     .await;
@@ -263,16 +225,18 @@ async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
     assert_eq!(conflicts.len(), 1, "{v}");
     assert_eq!(conflicts[0]["row"], 2);
     assert_eq!(conflicts[0]["resolution"], "summed");
-    wait_equal(
+    common::wait_equal(
         &c,
         "m",
+        ROWS,
         &[(1, 11.0), (2, 111.0), (3, 1.0), (4, 10.0), (5, 100.0)].into(),
     )
     .await;
     // The branch itself is unchanged.
-    wait_equal(
+    common::wait_equal(
         &c,
         "b",
+        ROWS,
         &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0)].into(),
     )
     .await;
@@ -368,8 +332,8 @@ async fn a_newer_merge_keeps_the_newer_side_of_each_conflict() {
     assert_eq!(v["rows_merged"], 2, "{v}");
     // Row 2 becomes the branch's row (1 + 7), row 1 keeps main's (1 + 4), row 9 takes the
     // branch's change.
-    wait_equal(&c, "n", &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
-    wait_equal(&c, "nb", &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
+    common::wait_equal(&c, "n", ROWS, &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
+    common::wait_equal(&c, "nb", ROWS, &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
     // The owner of row 2's slot dies: the branch's slot moves and its new owner rebuilds it
     // from the branch's checkpoint and stream, not from the parent's later state.
     let mut c = c;
@@ -382,8 +346,8 @@ async fn a_newer_merge_keeps_the_newer_side_of_each_conflict() {
         .filter(|n| *n != owner)
         .collect();
     c.wait_settled_on(&rest, SETTLE).await;
-    wait_equal(&c, "nb", &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
-    wait_equal(&c, "n", &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
+    common::wait_equal(&c, "nb", ROWS, &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
+    common::wait_equal(&c, "n", ROWS, &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -396,7 +360,7 @@ async fn replay_to_a_time_stops_before_the_first_later_delta() {
     let first = last_seq(&c).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     send(&mut p, &[(1, 10.0)]).await;
-    wait_equal(&c, "r", &[(1, 11.0)].into()).await;
+    common::wait_equal(&c, "r", ROWS, &[(1, 11.0)].into()).await;
     // The server's timestamp of the first delta, in unix ms, plus one: at or after the first
     // delta, 50 ms before the second.
     let js = async_nats::jetstream::new(c.client.clone());

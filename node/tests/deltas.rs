@@ -13,7 +13,7 @@ use common::{SETTLE, TestCluster};
 use futures::StreamExt;
 use serde_json::json;
 use tessel_node::client::ActorClient;
-use tessel_node::deltas::{Producer, dlq_subject, get_rows};
+use tessel_node::deltas::{Producer, dlq_subject};
 
 const ROWS: u64 = 2_048;
 const DIM: u32 = 2;
@@ -42,52 +42,6 @@ async fn serving_with(c: &TestCluster, model: &str, create: serde_json::Value) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{model} never served");
-}
-
-async fn wait_equal(c: &TestCluster, model: &str, expect: &HashMap<u32, f32>) {
-    let rows: Vec<u32> = (0..ROWS as u32).collect();
-    let started = Instant::now();
-    let mut last = String::new();
-    while started.elapsed() < Duration::from_secs(40) {
-        match get_rows(
-            &c.client,
-            "tessel",
-            model,
-            ROWS,
-            &rows,
-            Duration::from_secs(5),
-        )
-        .await
-        {
-            Ok(values) => {
-                let diff: Vec<(u32, f32, f32)> = rows
-                    .iter()
-                    .zip(&values)
-                    .filter_map(|(r, v)| {
-                        let want = expect.get(r).copied().unwrap_or(0.0);
-                        v.iter()
-                            .any(|x| *x != want)
-                            .then(|| (*r, want, v.first().copied().unwrap_or(f32::NAN)))
-                    })
-                    .collect();
-                if diff.is_empty() {
-                    return;
-                }
-                last = format!(
-                    "{} rows differ, e.g. {:?}",
-                    diff.len(),
-                    &diff[..diff.len().min(5)]
-                );
-            }
-            Err(e) => last = format!("read failed: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let logs: String = ["n1", "n2", "n3"]
-        .iter()
-        .map(|n| format!("--- {n}\n{}", c.log(n)))
-        .collect();
-    panic!("{last}\n{logs}");
 }
 
 /// Publishes random 64-row batches of ones to `model` for `seconds` in a background task and
@@ -155,7 +109,7 @@ async fn every_acknowledged_delta_is_applied_exactly_once_across_a_node_kill() {
     c.kill9("n2").await;
     let counts = load.await.unwrap();
     c.wait_settled_on(&["n1", "n3"], SETTLE).await;
-    wait_equal(&c, "m", &counts).await;
+    common::wait_equal(&c, "m", ROWS, &counts).await;
     replay_verifies(&c, "m");
 }
 
@@ -173,7 +127,7 @@ async fn a_rebalance_under_load_loses_nothing() {
     c.signal("n1", nix::sys::signal::Signal::SIGTERM);
     let counts = load.await.unwrap();
     c.wait_settled_on(&["n2", "n3"], SETTLE).await;
-    wait_equal(&c, "r", &counts).await;
+    common::wait_equal(&c, "r", ROWS, &counts).await;
     replay_verifies(&c, "r");
 }
 
@@ -213,7 +167,7 @@ async fn invalid_deltas_go_to_the_dlq_and_leave_the_table_alone() {
     // A good delta after the bad ones still applies.
     producer.send(&[10], &[5.0, 5.0]).await.unwrap();
     let expect: HashMap<u32, f32> = [(10, 6.0), (11, 2.0)].into();
-    wait_equal(&c, "d", &expect).await;
+    common::wait_equal(&c, "d", ROWS, &expect).await;
     // The DLQ holds exactly the invalid frames, each with a reason.
     let stream = js.get_stream("tessel-deltas").await.unwrap();
     let consumer = stream
@@ -257,7 +211,7 @@ async fn the_models_transform_scales_then_clips() {
         .await
         .unwrap();
     let expect: HashMap<u32, f32> = [(1, 2.0), (2, 3.0), (3, -3.0)].into();
-    wait_equal(&c, "t", &expect).await;
+    common::wait_equal(&c, "t", ROWS, &expect).await;
     // Replay applies the same transform.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
         .args(["replay", "--model", "t", "--verify", "--json", "--quiet"])
@@ -334,7 +288,7 @@ async fn a_device_lost_mid_run_loses_no_acknowledged_delta() {
     let v = fault(&c, "n3", json!({"fault": "device-lost", "device": "cpu:0"})).await;
     assert_eq!(v["ok"]["device"], "cpu:0", "{v}");
     let counts = load.await.unwrap();
-    wait_equal(&c, "g", &counts).await;
+    common::wait_equal(&c, "g", ROWS, &counts).await;
     replay_verifies(&c, "g");
     // The lost groups were rebuilt: n2 and n3 each started serving the model again.
     for node in ["n2", "n3"] {

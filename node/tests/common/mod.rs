@@ -95,3 +95,54 @@ impl TestCluster {
         assert!(self.inner.signal(id, sig), "{id} is not running");
     }
 }
+
+/// Every row of `model` (of `total_rows`) equals `expect` (missing rows 0) in every column,
+/// within 40 s; otherwise panics with the differences and the node logs.
+pub async fn wait_equal(
+    c: &TestCluster,
+    model: &str,
+    total_rows: u64,
+    expect: &std::collections::HashMap<u32, f32>,
+) {
+    let rows: Vec<u32> = (0..total_rows as u32).collect();
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < Duration::from_secs(40) {
+        match tessel_node::deltas::get_rows(
+            &c.client,
+            "tessel",
+            model,
+            total_rows,
+            &rows,
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            Ok(values) => {
+                let diff: Vec<(u32, f32, Vec<f32>)> = rows
+                    .iter()
+                    .zip(&values)
+                    .filter_map(|(r, v)| {
+                        let want = expect.get(r).copied().unwrap_or(0.0);
+                        v.iter().any(|x| *x != want).then(|| (*r, want, v.clone()))
+                    })
+                    .collect();
+                if diff.is_empty() {
+                    return;
+                }
+                last = format!(
+                    "{model}: {} rows differ, e.g. {:?}",
+                    diff.len(),
+                    &diff[..diff.len().min(5)]
+                );
+            }
+            Err(e) => last = format!("read failed: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let logs: String = ["n1", "n2", "n3"]
+        .iter()
+        .map(|n| format!("--- {n}\n{}", c.log(n)))
+        .collect();
+    panic!("{last}\n{logs}");
+}
