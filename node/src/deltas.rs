@@ -59,6 +59,16 @@ pub fn checkpoints_bucket(cluster: &str) -> String {
 /// Checkpoints a starting group reads at a time.
 const RESTORE_CONCURRENCY: usize = 16;
 
+/// Frames a pass over the stream reads ahead of the frame being applied (about 16 KiB each in
+/// the usual workload, so about 64 MiB at most).
+const SCAN_READ_AHEAD_FRAMES: usize = 4_096;
+
+/// Frames a pass takes from its reader at a time (progress is reported once per chunk).
+const SCAN_CHUNK_FRAMES: usize = 256;
+
+/// A pass ends when the consumer has delivered nothing for this long.
+const SCAN_IDLE: Duration = Duration::from_secs(2);
+
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
 
@@ -1524,52 +1534,78 @@ async fn scan(
         to_end: end == last,
         ..Default::default()
     };
-    let (mut rows, mut values) = (Vec::new(), Vec::new());
-    loop {
-        let msg = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-            Ok(Some(Ok(m))) => m,
-            // Nothing more of this model before the end: done.
-            Err(_) => break,
-            _ => return Err("the replay consumer failed".into()),
-        };
-        let (seq, pending) = msg
-            .info()
-            .map(|i| (i.stream_sequence, i.pending))
-            .unwrap_or((0, 0));
-        if seq > end {
-            break;
+    // The reader drains the consumer on its own task while this one validates and applies,
+    // so the consumer's pulls keep flowing while a frame is being applied (two cores, not
+    // one, share the pass). The channel bounds what is read ahead.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(SCAN_READ_AHEAD_FRAMES);
+    let reader = tokio::spawn(async move {
+        loop {
+            let msg = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                // Nothing more of this model before the end: done.
+                Err(_) => break,
+                _ => {
+                    let _ = tx.send(Err("the replay consumer failed".to_string())).await;
+                    break;
+                }
+            };
+            let (seq, pending) = msg
+                .info()
+                .map(|i| (i.stream_sequence, i.pending))
+                .unwrap_or((0, 0));
+            if seq > end {
+                break;
+            }
+            let done = seq >= end || pending == 0;
+            if tx.send(Ok((seq, pending, msg))).await.is_err() || done {
+                break;
+            }
         }
-        at.seq = seq;
-        at.pending = pending;
-        at.messages += 1;
-        if let Some((slot, s)) = msg
-            .subject
-            .strip_prefix(prefix.as_str())
-            .and_then(|s| s.parse::<u16>().ok())
-            .and_then(|k| slots.get_mut(&k).map(|s| (k, s)))
-            && seq > s.position
-            && seq <= s.limit
-        {
-            s.position = seq;
-            rows.clear();
-            values.clear();
-            if let Ok(f) = s.model.validate_into(
-                &msg.payload,
-                &s.range,
-                &mut s.chains,
-                &mut rows,
-                &mut values,
-            ) {
-                at.rows += u64::from(f.count);
-                visit(slot, seq, &f, &rows, &values)?;
+    });
+    let (mut rows, mut values) = (Vec::new(), Vec::new());
+    let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
+    let result = 'pass: loop {
+        chunk.clear();
+        if rx.recv_many(&mut chunk, SCAN_CHUNK_FRAMES).await == 0 {
+            break Ok(());
+        }
+        for item in chunk.drain(..) {
+            let (seq, pending, msg) = match item {
+                Ok(m) => m,
+                Err(e) => break 'pass Err(e),
+            };
+            at.seq = seq;
+            at.pending = pending;
+            at.messages += 1;
+            if let Some((slot, s)) = msg
+                .subject
+                .strip_prefix(prefix.as_str())
+                .and_then(|s| s.parse::<u16>().ok())
+                .and_then(|k| slots.get_mut(&k).map(|s| (k, s)))
+                && seq > s.position
+                && seq <= s.limit
+            {
+                s.position = seq;
+                rows.clear();
+                values.clear();
+                if let Ok(f) = s.model.validate_into(
+                    &msg.payload,
+                    &s.range,
+                    &mut s.chains,
+                    &mut rows,
+                    &mut values,
+                ) {
+                    at.rows += u64::from(f.count);
+                    if let Err(e) = visit(slot, seq, &f, &rows, &values) {
+                        break 'pass Err(e);
+                    }
+                }
             }
         }
         progress(&at);
-        if seq >= end || pending == 0 {
-            break;
-        }
-    }
-    Ok(())
+    };
+    reader.abort();
+    result
 }
 
 /// Rebuilds tables of a model offline. `lineage` is the model's family line, root first and
@@ -1646,19 +1682,30 @@ async fn replay_states(
                     states.insert(k, (table, limit(slot), HashMap::new()));
                 }
             }
+            // A root's zero tables are made when the pass first applies to them (or at its
+            // end), so that making them overlaps with reading the stream.
             _ => {
                 for &k in &missing {
                     let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
-                    states.insert(k, own.for_slot(slot).empty());
+                    slots.insert(
+                        k,
+                        ScanSlot {
+                            model: own.for_slot(slot),
+                            position: 0,
+                            chains: HashMap::new(),
+                            limit: to_seq(slot),
+                            range: slot_rows(template.rows, slot),
+                        },
+                    );
                 }
             }
         }
     }
-    debug!(model = %me.model, restored = states.len() - missing.len(), ms = started.elapsed().as_millis() as u64, "replay: starting states ready");
-    let mut tables: BTreeMap<u16, Table> = BTreeMap::new();
+    debug!(model = %me.model, restored = states.len() + slots.len() - missing.len(), ms = started.elapsed().as_millis() as u64, "replay: starting states ready");
+    let mut tables: BTreeMap<u16, Option<Table>> = slots.keys().map(|&k| (k, None)).collect();
     for (k, (table, position, chains)) in states {
         let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
-        tables.insert(k, table);
+        tables.insert(k, Some(table));
         slots.insert(
             k,
             ScanSlot {
@@ -1670,13 +1717,22 @@ async fn replay_states(
             },
         );
     }
-    let mut apply =
-        |slot: u16, _seq: u64, _f: &Frame<'_>, rows: &[u32], values: &[f32]| match tables
-            .get_mut(&slot)
-        {
-            Some(t) => t.apply(rows, values, 1).map_err(|e| e.to_string()),
-            None => Ok(()),
+    let (total_rows, dim) = (template.rows, template.dim as usize);
+    let zeros = |k: u16| {
+        Slot::new(u64::from(k))
+            .map(|slot| Table::zeros(slot_rows(total_rows, slot), dim))
+            .map_err(|e| e.to_string())
+    };
+    let mut apply = |slot: u16, _seq: u64, _f: &Frame<'_>, rows: &[u32], values: &[f32]| {
+        let Some(entry) = tables.get_mut(&slot) else {
+            return Ok(());
         };
+        let table = match entry {
+            Some(t) => t,
+            None => entry.insert(zeros(slot)?),
+        };
+        table.apply(rows, values, 1).map_err(|e| e.to_string())
+    };
     scan(
         &template.js,
         &template.cluster,
@@ -1686,10 +1742,17 @@ async fn replay_states(
         &mut apply,
     )
     .await?;
-    Ok(tables
-        .into_iter()
-        .filter_map(|(k, t)| slots.remove(&k).map(|s| (k, (t, s.position, s.chains))))
-        .collect())
+    let mut out = BTreeMap::new();
+    for (k, t) in tables {
+        let table = match t {
+            Some(t) => t,
+            None => zeros(k)?,
+        };
+        if let Some(s) = slots.remove(&k) {
+            out.insert(k, (table, s.position, s.chains));
+        }
+    }
+    Ok(out)
 }
 
 /// What a model's stream changed after sequence `after`, through `through`, per row (values
