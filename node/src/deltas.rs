@@ -925,9 +925,16 @@ impl SlotModel {
         }
         let values_before = values.len();
         let max_abs = self.cfg.max_abs;
-        // Copy, then check with a branch-free pass the compiler vectorises: `|v| <= max` is
-        // false for NaN and ±∞ (`max_abs` is finite).
-        values.extend(f.values());
+        // Copy, then check with a branch-free pass; both loops are written so that the
+        // compiler vectorises them. `|v| <= max` is false for NaN and ±∞ (`max_abs` is finite).
+        let bytes = f.value_bytes();
+        values.resize(values_before + bytes.len() / 4, 0.0);
+        for (v, b) in values[values_before..]
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+        {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
         let fresh = &values[values_before..];
         if !fresh.iter().fold(true, |ok, v| ok & (v.abs() <= max_abs)) {
             let (i, v) = fresh
