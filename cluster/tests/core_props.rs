@@ -438,3 +438,63 @@ fn the_term_rule_refuses_stale_maps() {
     let refused = core::decide(&s, &cmd);
     assert!(!adopts(&refused), "{refused:?}");
 }
+
+/// A starting node that reads the map before the members it names (the watch can deliver them
+/// in either order) reads the map again as soon as the members are listed, not a whole sync
+/// interval later: a joining node becomes Active in one round trip.
+#[test]
+fn a_map_read_before_its_members_is_read_again_once_they_are_listed() {
+    let mut s = fresh(0);
+    let at = |now_ms, input| Command { now_ms, input };
+    core::step(&mut s, &at(0, Input::Start)).unwrap();
+    let map = map_of(1, 1, &[1]);
+    let early = core::step(
+        &mut s,
+        &at(
+            1,
+            Input::MapSeen {
+                map: Some(map.clone()),
+                revision: Revision(5),
+            },
+        ),
+    )
+    .unwrap();
+    assert!(
+        !early
+            .events
+            .iter()
+            .any(|e| matches!(e, core::Event::MapAdopted { .. })),
+        "{early:?}"
+    );
+    let active = MemberInfo {
+        status: NodeStatus::Active,
+        weight: Weight::ONE,
+    };
+    let listed = core::step(
+        &mut s,
+        &at(
+            2,
+            Input::MembersListed {
+                entries: vec![(id(1), active, Revision(3))],
+                as_of: Revision(6),
+            },
+        ),
+    )
+    .unwrap();
+    let rereads = listed
+        .events
+        .iter()
+        .any(|e| core::plan(&s, e).contains(&core::Action::ReadMap));
+    assert!(rereads, "no map read planned after the listing: {listed:?}");
+    let again = core::decide(
+        &s,
+        &at(
+            3,
+            Input::MapSeen {
+                map: Some(map),
+                revision: Revision(5),
+            },
+        ),
+    );
+    assert!(adopts(&again), "{again:?}");
+}

@@ -108,6 +108,12 @@ pub fn percentile(samples: &[f64], p: f64) -> f64 {
     h.value_at_quantile((p / 100.0).clamp(0.0, 1.0)) as f64 / 1e3
 }
 
+/// The benchmark nodes' log filter: `TESSEL_BENCH_NODE_LOG`, or warnings only (with
+/// `TESSEL_BENCH_KEEP=1` the logs stay in the run directory).
+fn node_log() -> String {
+    std::env::var("TESSEL_BENCH_NODE_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -126,7 +132,7 @@ pub async fn cluster(
     dir: &std::path::Path,
     trials: usize,
 ) -> anyhow::Result<Vec<BenchResult>> {
-    let env = vec![("RUST_LOG".into(), "warn".into())];
+    let env = vec![("RUST_LOG".into(), node_log())];
     let mut c = LocalCluster::start(dir, bin, 1, 3, env).await?;
     let result = cluster_trials(&mut c, trials).await;
     c.shutdown().await;
@@ -725,7 +731,7 @@ pub async fn deltas(
 ) -> anyhow::Result<Vec<BenchResult>> {
     // No checkpoints during the run, so that the replay figure replays the whole stream.
     let env = vec![
-        ("RUST_LOG".into(), "warn".into()),
+        ("RUST_LOG".into(), node_log()),
         ("TESSEL_CHECKPOINT_INTERVAL_MS".into(), "3600000".into()),
         ("TESSEL_CHECKPOINT_EVERY_FRAMES".into(), "100000000".into()),
     ];

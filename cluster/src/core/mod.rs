@@ -671,6 +671,11 @@ impl Decider {
             self.emit(Event::Synced {
                 part: SyncPart::Members,
             });
+            // A map that named members not listed yet was left unread (see `map_seen`): read
+            // it again now that they are, rather than at the next periodic sync.
+            if !self.s.synced.map && self.s.map_key_revision > self.s.map_revision {
+                self.emit(Event::SyncStarted { at_ms: self.now });
+            }
         }
         Ok(())
     }

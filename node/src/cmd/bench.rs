@@ -82,8 +82,11 @@ pub fn run(args: BenchArgs) -> ExitCode {
         if only.is_none() {
             step("gpu: table kernels against memcpy");
         }
-        // The run's NATS data can be large; logs stay only when a figure failed.
-        let _ = std::fs::remove_dir_all(&dir);
+        // The run's NATS data can be large; logs stay only when a figure failed, or when
+        // TESSEL_BENCH_KEEP is set.
+        if std::env::var_os("TESSEL_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         anyhow::Ok(BenchReport {
             machine: machine_with_devices(),
             results,
