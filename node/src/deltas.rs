@@ -772,6 +772,13 @@ impl SlotModel {
                     match inbox.try_recv() {
                         Ok(m) => Some(m),
                         Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                        // The timer rounds up to the next millisecond: with no window left
+                        // (or none configured) the window closes at once instead.
+                        Err(tokio::sync::mpsc::error::TryRecvError::Empty)
+                            if window.is_zero() || tokio::time::Instant::now() >= deadline =>
+                        {
+                            break;
+                        }
                         Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
                             match tokio::time::timeout_at(deadline, inbox.recv()).await {
                                 Ok(m) => m,
