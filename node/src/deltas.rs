@@ -69,6 +69,10 @@ const SCAN_CHUNK_FRAMES: usize = 256;
 /// A pass ends when the consumer has delivered nothing for this long.
 const SCAN_IDLE: Duration = Duration::from_secs(2);
 
+/// At most this many helper threads write a pass's fresh zero tables (one fewer than the
+/// cores, at least one).
+const MAX_ZERO_HELPERS: usize = 8;
+
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
 
@@ -1731,19 +1735,19 @@ async fn replay_states(
             },
         );
     }
-    let (total_rows, dim) = (template.rows, template.dim as usize);
-    let zeros = |k: u16| {
-        Slot::new(u64::from(k))
-            .map(|slot| Table::zeros(slot_rows(total_rows, slot), dim))
-            .map_err(|e| e.to_string())
-    };
+    let missing_tables: Vec<u16> = tables
+        .iter()
+        .filter(|(_, t)| t.is_none())
+        .map(|(&k, _)| k)
+        .collect();
+    let mut zeros = ZeroTables::start(missing_tables, template.rows, template.dim as usize);
     let mut apply = |slot: u16, _seq: u64, _f: &Frame<'_>, rows: &[u32], values: &[f32]| {
         let Some(entry) = tables.get_mut(&slot) else {
             return Ok(());
         };
         let table = match entry {
             Some(t) => t,
-            None => entry.insert(zeros(slot)?),
+            None => entry.insert(zeros.take(slot)?),
         };
         table.apply(rows, values, 1).map_err(|e| e.to_string())
     };
@@ -1760,13 +1764,119 @@ async fn replay_states(
     for (k, t) in tables {
         let table = match t {
             Some(t) => t,
-            None => zeros(k)?,
+            None => zeros.take(k)?,
         };
         if let Some(s) = slots.remove(&k) {
             out.insert(k, (table, s.position, s.chains));
         }
     }
     Ok(out)
+}
+
+/// The zero tables of a pass, made by several hands: the applying task makes the one it needs
+/// when it first needs it (from the lowest slot up, in stream order) while helper threads make
+/// them from the highest slot down. On a large table with few updates per row, writing fresh
+/// memory is most of a pass; this puts the other cores on it. Each table is made once, by
+/// whoever claims its slot first.
+struct ZeroTables {
+    keys: HashMap<u16, usize>,
+    claims: Arc<Vec<std::sync::atomic::AtomicBool>>,
+    made: std::sync::mpsc::Receiver<(u16, Table)>,
+    ready: HashMap<u16, Table>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    rows: u64,
+    dim: usize,
+}
+
+impl ZeroTables {
+    fn start(slots: Vec<u16>, rows: u64, dim: usize) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let claims: Arc<Vec<AtomicBool>> =
+            Arc::new(slots.iter().map(|_| AtomicBool::new(false)).collect());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, made) = std::sync::mpsc::channel();
+        let keys = slots.iter().enumerate().map(|(i, &k)| (k, i)).collect();
+        let slots = Arc::new(slots);
+        let helpers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .clamp(1, MAX_ZERO_HELPERS);
+        for h in 0..helpers {
+            let (claims, stop, slots, tx) =
+                (claims.clone(), stop.clone(), slots.clone(), tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("replay-zeros-{h}"))
+                .spawn(move || {
+                    for (i, &k) in slots.iter().enumerate().rev() {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        if claims[i].swap(true, Ordering::AcqRel) {
+                            continue;
+                        }
+                        let Ok(table) = zero_table(rows, dim, k) else {
+                            // Cannot happen for the slots of a pass; the channel closing tells
+                            // the applying side to make the rest itself.
+                            break;
+                        };
+                        if tx.send((k, table)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                // Fewer hands: the applying side makes what no helper claims.
+                debug!(error = %e, "replay: no helper thread for the zero tables");
+            }
+        }
+        ZeroTables {
+            keys,
+            claims,
+            made,
+            ready: HashMap::new(),
+            stop,
+            rows,
+            dim,
+        }
+    }
+
+    /// The zero table of slot `k`, made here unless the helper has claimed it (then its
+    /// table, waiting for it if it is still being made).
+    fn take(&mut self, k: u16) -> Result<Table, String> {
+        use std::sync::atomic::Ordering;
+        if let Some(t) = self.ready.remove(&k) {
+            return Ok(t);
+        }
+        let Some(&i) = self.keys.get(&k) else {
+            return zero_table(self.rows, self.dim, k);
+        };
+        if !self.claims[i].swap(true, Ordering::AcqRel) {
+            return zero_table(self.rows, self.dim, k);
+        }
+        loop {
+            match self.made.recv() {
+                Ok((j, t)) if j == k => return Ok(t),
+                Ok((j, t)) => {
+                    self.ready.insert(j, t);
+                }
+                // The helper stopped before making it (it claims only what it then makes,
+                // so this is a failed allocation): make it here.
+                Err(_) => return zero_table(self.rows, self.dim, k),
+            }
+        }
+    }
+}
+
+impl Drop for ZeroTables {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A zero table for slot `k` of a `rows × dim` model.
+fn zero_table(rows: u64, dim: usize, k: u16) -> Result<Table, String> {
+    Slot::new(u64::from(k))
+        .map(|slot| Table::zeros(slot_rows(rows, slot), dim))
+        .map_err(|e| e.to_string())
 }
 
 /// What a model's stream changed after sequence `after`, through `through`, per row (values
@@ -1901,5 +2011,42 @@ impl SlotModel {
             },
             ..self.for_slot(self.slot)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// Whatever the order the applying side asks in, and however far the helpers got, each
+    /// slot's zero table comes out once, with its slot's rows.
+    #[test]
+    fn zero_tables_are_made_once_each_by_whichever_hand_claims_them() {
+        let (rows, dim) = (1u64 << 14, 4usize);
+        let slots: Vec<u16> = (0..1024).collect();
+        for order in [
+            slots.clone(),
+            slots.iter().rev().copied().collect::<Vec<_>>(),
+            slots.iter().map(|k| (k * 389) % 1024).collect(),
+        ] {
+            let mut zeros = ZeroTables::start(slots.clone(), rows, dim);
+            for &k in &order {
+                let t = zeros.take(k).unwrap();
+                let range = slot_rows(rows, Slot::new(u64::from(k)).unwrap());
+                assert_eq!(t.rows(), range, "slot {k}");
+                assert!(t.data().iter().all(|v| *v == 0.0));
+            }
+            // Nothing was made twice: whatever the helpers made, the applying side took.
+            assert!(
+                zeros.ready.is_empty(),
+                "{} tables made twice",
+                zeros.ready.len()
+            );
+            assert!(zeros.made.try_recv().is_err());
+        }
+        // A slot outside the pass is made on the spot.
+        let mut zeros = ZeroTables::start(vec![1, 2], rows, dim);
+        assert_eq!(zeros.take(7).unwrap().rows(), 112..128);
     }
 }
