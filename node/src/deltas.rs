@@ -2028,7 +2028,10 @@ mod tests {
         for order in [
             slots.clone(),
             slots.iter().rev().copied().collect::<Vec<_>>(),
-            slots.iter().map(|k| (k * 389) % 1024).collect(),
+            slots
+                .iter()
+                .map(|&k| (u32::from(k) * 389 % 1024) as u16)
+                .collect(),
         ] {
             let mut zeros = ZeroTables::start(slots.clone(), rows, dim);
             for &k in &order {
