@@ -189,6 +189,30 @@ impl Table {
         })
     }
 
+    /// The host table `table` on `device`: on the CPU it becomes the table itself (no copy,
+    /// no second allocation); on a CUDA device it is copied up (see [`Table::create`] and
+    /// [`Table::load`]), and handed back with the error if that fails, so the caller can place
+    /// it elsewhere.
+    pub fn from_host(
+        device: &Device,
+        table: cpu::Table,
+        config: TableConfig,
+    ) -> Result<Self, (Error, cpu::Table)> {
+        if device.kind == DeviceKind::Cpu {
+            return Ok(Table {
+                inner: Inner::Cpu(table),
+                device: device.clone(),
+                config,
+                lost: false,
+            });
+        }
+        let loaded = Table::create(device, table.rows(), table.dim(), config).and_then(|mut t| {
+            t.load(table.data())?;
+            Ok(t)
+        });
+        loaded.map_err(|e| (e, table))
+    }
+
     /// The device the table lives on.
     pub fn device(&self) -> &Device {
         &self.device
@@ -370,6 +394,31 @@ mod tests {
         assert_eq!(t.gather(&[12, 10]).unwrap(), vec![9.0, 10.0, 3.0, 4.0]);
         assert_eq!(t.export().unwrap(), vec![3.0, 4.0, 3.0, 4.0, 9.0, 10.0]);
         assert_eq!(t.device().kind, DeviceKind::Cpu);
+    }
+
+    #[test]
+    fn a_host_table_becomes_a_cpu_table_as_it_is_and_comes_back_from_an_unusable_device() {
+        let mut host = cpu::Table::zeros(4..6, 2);
+        host.load(&[1.0, 2.0, 3.0, 4.0]);
+        let expected = host.clone();
+        let allocation = host.data().as_ptr();
+        let t = Table::from_host(&crate::cpu_device(), host, TableConfig::default()).unwrap();
+        assert_eq!((t.rows(), t.dim()), (4..6, 2));
+        assert_eq!(t.export().unwrap(), expected.data());
+        // On the CPU the host table is the table: the same allocation, no copy.
+        match &t.inner {
+            Inner::Cpu(inner) => assert_eq!(inner.data().as_ptr(), allocation),
+            #[cfg(feature = "cuda")]
+            Inner::Cuda(_) => panic!("a CPU device made a CUDA table"),
+        }
+        // A CUDA device this process cannot use refuses it and hands the table back whole.
+        let mut cuda = crate::cpu_device();
+        cuda.kind = DeviceKind::Cuda;
+        cuda.ordinal = 99;
+        match Table::from_host(&cuda, expected.clone(), TableConfig::default()) {
+            Ok(_) => panic!("an unusable device took the table"),
+            Err((_, back)) => assert_eq!(back, expected),
+        }
     }
 
     #[test]

@@ -1367,13 +1367,16 @@ impl ModelHost {
             cpu_threads: self.cfg.apply_threads.max(1),
             ..gpu::TableConfig::default()
         };
-        let cpu: Vec<&Table> = states.iter().map(|s| &s.0).collect();
+        let (cpu, rest): (Vec<Table>, Vec<(u64, HashMap<u32, u64>)>) = states
+            .into_iter()
+            .map(|(table, position, chains)| (table, (position, chains)))
+            .unzip();
         let (lease, tables) =
-            crate::tables::load_tables(&self.devices, model, dim as usize, &cpu, table_cfg)?;
+            crate::tables::load_tables(&self.devices, model, dim as usize, cpu, table_cfg)?;
         let live = tables
             .into_iter()
-            .zip(states)
-            .map(|(t, (_, position, chains))| (t, position, chains))
+            .zip(rest)
+            .map(|(t, (position, chains))| (t, position, chains))
             .collect();
         Ok((Arc::new(lease), live))
     }

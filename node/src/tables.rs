@@ -242,13 +242,14 @@ impl Drop for DeviceLease {
 
 /// Puts a model's slot tables on this node (restored as CPU twins, all of `dim` columns) on one
 /// device: the one the book chooses for their rows × dim × 4 bytes, counted against what the
-/// node's other models hold. When the chosen device cannot allocate or load them, or nothing
-/// fits by the book, they go to the CPU twin, which refuses only what host memory cannot hold.
+/// node's other models hold. On the CPU the restored tables become the live ones (no copy).
+/// When the chosen device cannot allocate or load them, or nothing fits by the book, they go to
+/// the CPU twin, which refuses only what host memory cannot hold.
 pub fn load_tables(
     book: &Arc<DeviceBook>,
     model: &str,
     dim: usize,
-    restored: &[&gpu::cpu::Table],
+    restored: Vec<gpu::cpu::Table>,
     config: gpu::TableConfig,
 ) -> anyhow::Result<(DeviceLease, Vec<gpu::Table>)> {
     let rows: u64 = restored.iter().map(|t| t.rows().end - t.rows().start).sum();
@@ -260,30 +261,42 @@ pub fn load_tables(
             book.place_on_cpu(req.table_bytes)?
         }
     };
-    let build = |lease: &DeviceLease| -> Result<Vec<gpu::Table>, gpu::Error> {
-        restored
-            .iter()
-            .map(|cpu| {
-                let mut t = gpu::Table::create(lease.device(), cpu.rows(), cpu.dim(), config)?;
-                t.load(cpu.data())?;
-                Ok(t)
-            })
-            .collect()
-    };
-    match build(&lease) {
-        Ok(tables) => Ok((lease, tables)),
-        Err(e) if lease.device().kind != DeviceKind::Cpu => {
-            warn!(%model, device = %lease.id(), error = %e, "cannot place the tables; using the CPU twin");
-            if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
-                lease.lose();
+    let mut placed = Vec::with_capacity(restored.len());
+    let mut pending = restored.into_iter();
+    let mut failed = None;
+    for cpu in pending.by_ref() {
+        match gpu::Table::from_host(lease.device(), cpu, config) {
+            Ok(t) => placed.push(t),
+            Err((e, cpu)) => {
+                failed = Some((e, cpu));
+                break;
             }
-            drop(lease);
-            let cpu = book.place_on_cpu(req.table_bytes)?;
-            let tables = build(&cpu)?;
-            Ok((cpu, tables))
         }
-        Err(e) => Err(e.into()),
     }
+    let Some((e, cpu)) = failed else {
+        return Ok((lease, placed));
+    };
+    if lease.device().kind == DeviceKind::Cpu {
+        return Err(e.into());
+    }
+    warn!(%model, device = %lease.id(), error = %e, "cannot place the tables; using the CPU twin");
+    if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
+        lease.lose();
+    }
+    drop(lease);
+    let host = book.place_on_cpu(req.table_bytes)?;
+    // The tables already copied to the device come back down; the rest move as they are.
+    let mut back = Vec::new();
+    for t in placed {
+        let mut table = gpu::cpu::Table::zeros(t.rows(), t.dim());
+        table.load(&t.export()?);
+        back.push(table);
+    }
+    let all = back.into_iter().chain(std::iter::once(cpu)).chain(pending);
+    let tables = all
+        .map(|t| gpu::Table::from_host(host.device(), t, config).map_err(|(e, _)| e))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((host, tables))
 }
 
 /// The fault subject of a node: `<c>.admin.<node>.fault`.
@@ -496,7 +509,7 @@ mod tests {
         let mut c = gpu::cpu::Table::zeros(2..3, 3);
         c.load(&[7.0, 8.0, 9.0]);
         let cfg = gpu::TableConfig::default();
-        let (lease, tables) = load_tables(&b, "m", 3, &[&a, &c], cfg).unwrap();
+        let (lease, tables) = load_tables(&b, "m", 3, vec![a.clone(), c.clone()], cfg).unwrap();
         assert_eq!(lease.id(), "cpu:0");
         assert_eq!(b.assigned(), vec![36, 0]);
         assert_eq!(tables[0].export().unwrap(), a.data());
