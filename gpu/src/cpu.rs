@@ -170,6 +170,29 @@ impl Table {
         Ok(())
     }
 
+    /// [`Table::apply`] on the calling thread with the values given as little-endian f32
+    /// bytes (a frame's value section, at any alignment), so that they are added straight from
+    /// where they were received. All or nothing, as `apply`.
+    pub fn apply_le(&mut self, rows: &[u32], values: &[u8]) -> Result<(), TableError> {
+        if !values.len().is_multiple_of(4) {
+            return Err(TableError::Shape {
+                values: values.len() / 4,
+                rows: rows.len(),
+                dim: self.dim,
+            });
+        }
+        self.check(rows, values.len() / 4)?;
+        let (dim, first) = (self.dim, self.first);
+        for (i, (&r, src)) in rows.iter().zip(values.chunks_exact(dim * 4)).enumerate() {
+            if let Some(&ahead) = rows.get(i + PREFETCH_AHEAD) {
+                prefetch_row(&self.data, (u64::from(ahead) - first) as usize * dim, dim);
+            }
+            let at = (u64::from(r) - first) as usize * dim;
+            add_row_le(&mut self.data[at..at + dim], src);
+        }
+        Ok(())
+    }
+
     /// Copies the given rows out, row-major.
     pub fn gather(&self, rows: &[u32]) -> Result<Vec<f32>, TableError> {
         self.check(rows, rows.len() * self.dim)?;
@@ -299,6 +322,31 @@ fn add_row_avx2(dst: &mut [f32], src: &[f32]) {
     add_row_plain(dst, src);
 }
 
+/// `dst += src` with `src` as little-endian f32 bytes (over the shorter of the two).
+#[inline(always)]
+fn add_row_le(dst: &mut [f32], src: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: as in `add_row`: AVX2 is present, and the function is safe code.
+        unsafe { add_row_le_avx2(dst, src) };
+        return;
+    }
+    add_row_le_plain(dst, src);
+}
+
+#[inline(always)]
+fn add_row_le_plain(dst: &mut [f32], src: &[u8]) {
+    for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
+        *d += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn add_row_le_avx2(dst: &mut [f32], src: &[u8]) {
+    add_row_le_plain(dst, src);
+}
+
 /// Whether the CPU has AVX2 (cached by the standard library's detection).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
@@ -328,6 +376,44 @@ mod tests {
             Err(TableError::Shape { .. })
         ));
         assert!(t.gather(&[99]).is_err());
+    }
+
+    #[test]
+    fn applying_little_endian_bytes_is_bit_for_bit_applying_floats() {
+        let rows: Vec<u32> = (0..3_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) % 700) + 300)
+            .collect();
+        let values: Vec<f32> = (0..rows.len() * 12)
+            .map(|i| ((i % 89) as f32).cos() * 1e-2 - 0.003)
+            .collect();
+        // Misaligned on purpose: a frame's value section sits anywhere in the message.
+        let mut bytes = vec![0u8];
+        bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        let mut a = Table::zeros(300..1_000, 12);
+        let mut b = a.clone();
+        a.apply(&rows, &values, 1).unwrap();
+        b.apply_le(&rows, &bytes[1..]).unwrap();
+        assert!(
+            a.data()
+                .iter()
+                .zip(b.data())
+                .all(|(x, y)| x.to_bits() == y.to_bits())
+        );
+        // The same refusals, and nothing written.
+        let before = b.clone();
+        assert!(matches!(
+            b.apply_le(&[1_000], &bytes[1..49]),
+            Err(TableError::Row { .. })
+        ));
+        assert!(matches!(
+            b.apply_le(&[300], &bytes[1..48]),
+            Err(TableError::Shape { .. })
+        ));
+        assert!(matches!(
+            b.apply_le(&[300], &bytes[1..3]),
+            Err(TableError::Shape { .. })
+        ));
+        assert_eq!(b, before);
     }
 
     #[test]

@@ -905,6 +905,38 @@ impl SlotModel {
         rows: &mut Vec<u32>,
         values: &mut Vec<f32>,
     ) -> Result<Frame<'a>, String> {
+        let f = self.check_frame(payload, range, chains)?;
+        let bytes = f.value_bytes();
+        let values_before = values.len();
+        values.resize(values_before + bytes.len() / 4, 0.0);
+        for (v, b) in values[values_before..]
+            .iter_mut()
+            .zip(bytes.chunks_exact(4))
+        {
+            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+        if !self.is_identity() {
+            for v in &mut values[values_before..] {
+                *v = self.transform(*v);
+            }
+        }
+        rows.extend(f.rows());
+        Ok(f)
+    }
+
+    /// Whether the model's transform leaves values as they are (scale 1, no clip).
+    fn is_identity(&self) -> bool {
+        self.cfg.scale == 1.0 && self.cfg.clip.is_none()
+    }
+
+    /// Every check of [`Self::validate_into`] (advancing the chain as it does), without
+    /// copying the values out: the frame, when it is valid.
+    fn check_frame<'a>(
+        &self,
+        payload: &'a [u8],
+        range: &std::ops::Range<u64>,
+        chains: &mut HashMap<u32, u64>,
+    ) -> Result<Frame<'a>, String> {
         let f = Frame::decode(payload).map_err(|e| format!("frame: {e}"))?;
         if f.model != self.model || f.slot != self.slot.get() {
             return Err(format!(
@@ -934,39 +966,27 @@ impl SlotModel {
         if let Some(r) = f.rows().find(|r| !range.contains(&u64::from(*r))) {
             return Err(format!("row {r} outside the slot's rows {range:?}"));
         }
-        let values_before = values.len();
+        // A branch-free pass the compiler vectorises: `|v| <= max` is false for NaN and ±∞
+        // (`max_abs` is finite).
         let max_abs = self.cfg.max_abs;
-        // Copy, then check with a branch-free pass; both loops are written so that the
-        // compiler vectorises them. `|v| <= max` is false for NaN and ±∞ (`max_abs` is finite).
+        let value = |b: &[u8]| f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         let bytes = f.value_bytes();
-        values.resize(values_before + bytes.len() / 4, 0.0);
-        for (v, b) in values[values_before..]
-            .iter_mut()
-            .zip(bytes.chunks_exact(4))
+        if !bytes
+            .chunks_exact(4)
+            .fold(true, |ok, b| ok & (value(b).abs() <= max_abs))
         {
-            *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-        }
-        let fresh = &values[values_before..];
-        if !fresh.iter().fold(true, |ok, v| ok & (v.abs() <= max_abs)) {
-            let (i, v) = fresh
-                .iter()
-                .copied()
+            let (i, v) = bytes
+                .chunks_exact(4)
+                .map(value)
                 .enumerate()
                 .find(|(_, v)| !v.is_finite() || v.abs() > max_abs)
                 .unwrap_or((0, f32::NAN));
-            values.truncate(values_before);
             return Err(if v.is_finite() {
                 format!("|value| {v} above {max_abs}")
             } else {
                 format!("value {i} is not finite")
             });
         }
-        if !(self.cfg.scale == 1.0 && self.cfg.clip.is_none()) {
-            for v in &mut values[values_before..] {
-                *v = self.transform(*v);
-            }
-        }
-        rows.extend(f.rows());
         Ok(f)
     }
 
@@ -1488,9 +1508,19 @@ pub struct ScanProgress<'a> {
     pub to_end: bool,
 }
 
+/// A valid frame's values as a pass hands them on.
+enum Values<'v> {
+    /// After the model's transform.
+    Floats(&'v [f32]),
+    /// The frame's own little-endian bytes: the transform leaves them as they are, and the
+    /// pass was asked for bytes (replay adds them to its tables straight from the message).
+    Bytes(&'v [u8]),
+}
+
 /// What a pass over the stream does with each valid frame: slot, stream sequence, the frame,
-/// its rows, its values after the model's transform.
-type Visit<'v> = dyn FnMut(u16, u64, &Frame<'_>, &[u32], &[f32]) -> Result<(), String> + Send + 'v;
+/// its rows, its values.
+type Visit<'v> =
+    dyn FnMut(u16, u64, &Frame<'_>, &[u32], Values<'_>) -> Result<(), String> + Send + 'v;
 
 /// A slot during a pass over the stream.
 struct ScanSlot {
@@ -1512,6 +1542,7 @@ async fn scan(
     model: &str,
     slots: &mut BTreeMap<u16, ScanSlot>,
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
+    bytes: bool,
     visit: &mut Visit<'_>,
 ) -> Result<(), String> {
     let stream = js
@@ -1609,15 +1640,32 @@ async fn scan(
                 s.position = seq;
                 rows.clear();
                 values.clear();
-                if let Ok(f) = s.model.validate_into(
-                    &msg.payload,
-                    &s.range,
-                    &mut s.chains,
-                    &mut rows,
-                    &mut values,
-                ) {
+                let valid = if bytes && s.model.is_identity() {
+                    s.model
+                        .check_frame(&msg.payload, &s.range, &mut s.chains)
+                        .map(|f| {
+                            rows.extend(f.rows());
+                            (f, true)
+                        })
+                } else {
+                    s.model
+                        .validate_into(
+                            &msg.payload,
+                            &s.range,
+                            &mut s.chains,
+                            &mut rows,
+                            &mut values,
+                        )
+                        .map(|f| (f, false))
+                };
+                if let Ok((f, raw)) = valid {
                     at.rows += u64::from(f.count);
-                    if let Err(e) = visit(slot, seq, &f, &rows, &values) {
+                    let handed = if raw {
+                        Values::Bytes(f.value_bytes())
+                    } else {
+                        Values::Floats(&values)
+                    };
+                    if let Err(e) = visit(slot, seq, &f, &rows, handed) {
                         break 'pass Err(e);
                     }
                 }
@@ -1744,7 +1792,7 @@ async fn replay_states(
         .map(|(&k, _)| k)
         .collect();
     let mut zeros = ZeroTables::start(missing_tables, template.rows, template.dim as usize);
-    let mut apply = |slot: u16, _seq: u64, _f: &Frame<'_>, rows: &[u32], values: &[f32]| {
+    let mut apply = |slot: u16, _seq: u64, _f: &Frame<'_>, rows: &[u32], values: Values<'_>| {
         let Some(entry) = tables.get_mut(&slot) else {
             return Ok(());
         };
@@ -1752,7 +1800,11 @@ async fn replay_states(
             Some(t) => t,
             None => entry.insert(zeros.take(slot)?),
         };
-        table.apply(rows, values, 1).map_err(|e| e.to_string())
+        match values {
+            Values::Floats(v) => table.apply(rows, v, 1),
+            Values::Bytes(b) => table.apply_le(rows, b),
+        }
+        .map_err(|e| e.to_string())
     };
     scan(
         &template.js,
@@ -1760,6 +1812,7 @@ async fn replay_states(
         &me.model,
         &mut slots,
         progress,
+        true,
         &mut apply,
     )
     .await?;
@@ -1923,11 +1976,16 @@ pub async fn stream_changes(
     }
     let max_rows = usize::try_from(template.rows).unwrap_or(usize::MAX);
     let mut changes = actors::merge::Changes::new(template.dim as usize, max_rows);
-    let mut add = |_slot: u16, seq: u64, f: &Frame<'_>, rows: &[u32], values: &[f32]| {
+    let mut add = |_slot: u16, seq: u64, f: &Frame<'_>, rows: &[u32], values: Values<'_>| {
         if seq <= after {
             return Ok(());
         }
-        changes.add(rows, values, f.ts).map_err(|e| e.to_string())
+        match values {
+            Values::Floats(v) => changes.add(rows, v, f.ts),
+            // Not asked for (the pass below wants floats); decoded if it ever comes.
+            Values::Bytes(_) => changes.add(rows, &f.values().collect::<Vec<_>>(), f.ts),
+        }
+        .map_err(|e| e.to_string())
     };
     scan(
         &template.js,
@@ -1935,6 +1993,7 @@ pub async fn stream_changes(
         &me.model,
         &mut slots,
         progress,
+        false,
         &mut add,
     )
     .await?;
