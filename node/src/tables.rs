@@ -261,42 +261,39 @@ pub fn load_tables(
             book.place_on_cpu(req.table_bytes)?
         }
     };
-    let mut placed = Vec::with_capacity(restored.len());
-    let mut pending = restored.into_iter();
-    let mut failed = None;
-    for cpu in pending.by_ref() {
-        match gpu::Table::from_host(lease.device(), cpu, config) {
-            Ok(t) => placed.push(t),
-            Err((e, cpu)) => {
-                failed = Some((e, cpu));
-                break;
-            }
-        }
-    }
-    let Some((e, cpu)) = failed else {
-        return Ok((lease, placed));
+    let on_host = |device: &gpu::Device, restored: Vec<gpu::cpu::Table>| {
+        restored
+            .into_iter()
+            .map(|t| gpu::Table::from_host(device, t, config).map_err(|(e, _)| e))
+            .collect::<Result<Vec<_>, _>>()
     };
     if lease.device().kind == DeviceKind::Cpu {
-        return Err(e.into());
+        let tables = on_host(lease.device(), restored)?;
+        return Ok((lease, tables));
     }
-    warn!(%model, device = %lease.id(), error = %e, "cannot place the tables; using the CPU twin");
-    if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
-        lease.lose();
+    // Copied up; the host copies stay until every table is on the device, so that a failure
+    // part-way (a lost device) can still fall back to them.
+    let built: Result<Vec<gpu::Table>, gpu::Error> = restored
+        .iter()
+        .map(|cpu| {
+            let mut t = gpu::Table::create(lease.device(), cpu.rows(), cpu.dim(), config)?;
+            t.load(cpu.data())?;
+            Ok(t)
+        })
+        .collect();
+    match built {
+        Ok(tables) => Ok((lease, tables)),
+        Err(e) => {
+            warn!(%model, device = %lease.id(), error = %e, "cannot place the tables; using the CPU twin");
+            if matches!(e, gpu::Error::DeviceLost | gpu::Error::Driver(_)) {
+                lease.lose();
+            }
+            drop(lease);
+            let host = book.place_on_cpu(req.table_bytes)?;
+            let tables = on_host(host.device(), restored)?;
+            Ok((host, tables))
+        }
     }
-    drop(lease);
-    let host = book.place_on_cpu(req.table_bytes)?;
-    // The tables already copied to the device come back down; the rest move as they are.
-    let mut back = Vec::new();
-    for t in placed {
-        let mut table = gpu::cpu::Table::zeros(t.rows(), t.dim());
-        table.load(&t.export()?);
-        back.push(table);
-    }
-    let all = back.into_iter().chain(std::iter::once(cpu)).chain(pending);
-    let tables = all
-        .map(|t| gpu::Table::from_host(host.device(), t, config).map_err(|(e, _)| e))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((host, tables))
 }
 
 /// The fault subject of a node: `<c>.admin.<node>.fault`.
