@@ -182,14 +182,7 @@ impl Table {
             });
         }
         self.check(rows, values.len() / 4)?;
-        let (dim, first) = (self.dim, self.first);
-        for (i, (&r, src)) in rows.iter().zip(values.chunks_exact(dim * 4)).enumerate() {
-            if let Some(&ahead) = rows.get(i + PREFETCH_AHEAD) {
-                prefetch_row(&self.data, (u64::from(ahead) - first) as usize * dim, dim);
-            }
-            let at = (u64::from(r) - first) as usize * dim;
-            add_row_le(&mut self.data[at..at + dim], src);
-        }
+        apply_all(&mut self.data, self.first, self.dim, rows, values);
         Ok(())
     }
 
@@ -238,13 +231,19 @@ fn advise_huge_pages(data: &mut Vec<f32>) {
 }
 
 /// Applies every update of the batch to `data` (which starts at row `first`), in batch order.
-fn apply_all(data: &mut [f32], first: u64, dim: usize, rows: &[u32], values: &[f32]) {
-    for (i, (&r, src)) in rows.iter().zip(values.chunks_exact(dim)).enumerate() {
+fn apply_all<V: Values + ?Sized>(
+    data: &mut [f32],
+    first: u64,
+    dim: usize,
+    rows: &[u32],
+    values: &V,
+) {
+    for (i, &r) in rows.iter().enumerate() {
         if let Some(&ahead) = rows.get(i + PREFETCH_AHEAD) {
             prefetch_row(data, (u64::from(ahead) - first) as usize * dim, dim);
         }
         let at = (u64::from(r) - first) as usize * dim;
-        add_row(&mut data[at..at + dim], src);
+        add_row(&mut data[at..at + dim], values.row(i, dim));
     }
 }
 
@@ -289,15 +288,51 @@ fn apply_bucket(
         }
         let i = i as usize;
         let at = (u64::from(rows[i]) - block_first) as usize * dim;
-        add_row(&mut block[at..at + dim], &values[i * dim..(i + 1) * dim]);
+        add_row(&mut block[at..at + dim], values.row(i, dim));
     }
 }
 
-/// `dst += src`, element by element (over the shorter of the two). Written as a zip of equal
-/// lengths so that the compiler emits vector adds; on x86-64 CPUs with AVX2 (detected once, at
-/// run time) the same loop is compiled for 8-wide vectors.
+/// A batch's delta values: f32s, or their little-endian bytes (a frame's value section, at
+/// any alignment), so that a frame can be applied straight from where it was received.
+trait Values {
+    /// The values of the batch's i-th row (the caller has checked the shape).
+    fn row(&self, i: usize, dim: usize) -> &Self;
+    /// `dst += self`, element by element (over the shorter of the two), written so that the
+    /// compiler emits vector adds.
+    fn add_to(&self, dst: &mut [f32]);
+}
+
+impl Values for [f32] {
+    fn row(&self, i: usize, dim: usize) -> &Self {
+        &self[i * dim..(i + 1) * dim]
+    }
+
+    #[inline(always)]
+    fn add_to(&self, dst: &mut [f32]) {
+        let n = dst.len().min(self.len());
+        for (d, s) in dst[..n].iter_mut().zip(&self[..n]) {
+            *d += *s;
+        }
+    }
+}
+
+impl Values for [u8] {
+    fn row(&self, i: usize, dim: usize) -> &Self {
+        &self[i * dim * 4..(i + 1) * dim * 4]
+    }
+
+    #[inline(always)]
+    fn add_to(&self, dst: &mut [f32]) {
+        for (d, b) in dst.iter_mut().zip(self.chunks_exact(4)) {
+            *d += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+}
+
+/// `dst += src`; on x86-64 CPUs with AVX2 (detected once, at run time) the same loop is
+/// compiled for 8-wide vectors.
 #[inline(always)]
-fn add_row(dst: &mut [f32], src: &[f32]) {
+fn add_row<V: Values + ?Sized>(dst: &mut [f32], src: &V) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU supports AVX2 (checked just above), the only requirement of
@@ -305,46 +340,13 @@ fn add_row(dst: &mut [f32], src: &[f32]) {
         unsafe { add_row_avx2(dst, src) };
         return;
     }
-    add_row_plain(dst, src);
-}
-
-#[inline(always)]
-fn add_row_plain(dst: &mut [f32], src: &[f32]) {
-    let n = dst.len().min(src.len());
-    for (d, s) in dst[..n].iter_mut().zip(&src[..n]) {
-        *d += *s;
-    }
+    src.add_to(dst);
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn add_row_avx2(dst: &mut [f32], src: &[f32]) {
-    add_row_plain(dst, src);
-}
-
-/// `dst += src` with `src` as little-endian f32 bytes (over the shorter of the two).
-#[inline(always)]
-fn add_row_le(dst: &mut [f32], src: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: as in `add_row`: AVX2 is present, and the function is safe code.
-        unsafe { add_row_le_avx2(dst, src) };
-        return;
-    }
-    add_row_le_plain(dst, src);
-}
-
-#[inline(always)]
-fn add_row_le_plain(dst: &mut [f32], src: &[u8]) {
-    for (d, b) in dst.iter_mut().zip(src.chunks_exact(4)) {
-        *d += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn add_row_le_avx2(dst: &mut [f32], src: &[u8]) {
-    add_row_le_plain(dst, src);
+fn add_row_avx2<V: Values + ?Sized>(dst: &mut [f32], src: &V) {
+    src.add_to(dst);
 }
 
 /// Whether the CPU has AVX2 (cached by the standard library's detection).
