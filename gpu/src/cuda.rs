@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtrMut, DriverError, HostSlice,
-    LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError,
+    HostSlice, LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
 };
 
 use crate::bench::{BenchConfig, BenchRow, random_rows, row};
@@ -206,8 +206,62 @@ struct Slot {
     host_values: PinnedHostSlice<f32>,
     dev_rows: CudaSlice<u32>,
     dev_values: CudaSlice<f32>,
-    /// Rows it holds.
-    capacity_rows: usize,
+}
+
+impl Slot {
+    /// Whether it holds `rows` rows and `values` values.
+    fn holds(&self, rows: usize, values: usize) -> bool {
+        self.host_rows.len() >= rows && self.host_values.len() >= values
+    }
+
+    /// Pinned bytes (the device twins hold as many).
+    fn bytes(&self) -> u64 {
+        (self.host_rows.len() * 4 + self.host_values.len() * 4) as u64
+    }
+}
+
+/// The staging of one `apply_many`: two slots, so the copy of one batch overlaps the apply of
+/// the one before.
+#[derive(Default)]
+pub(crate) struct Staging {
+    slots: Vec<Slot>,
+    next: usize,
+}
+
+impl Staging {
+    fn bytes(&self) -> u64 {
+        self.slots.iter().map(Slot::bytes).sum()
+    }
+}
+
+/// Most pinned bytes of idle staging kept per device between applies (256 MiB); staging that
+/// would go over it is freed after its apply.
+const STAGING_IDLE_MAX_BYTES: u64 = 256 << 20;
+
+/// Idle staging by device ordinal, shared by every table of the device. Pinning host memory
+/// costs far more than the copy of a small batch, and a node holds one table per slot (up to
+/// 1,024): staging per table would pin two buffers per slot. A table takes staging for one
+/// `apply_many` and gives it back once the apply has synchronised, so no copy or kernel still
+/// uses it.
+fn staging_pool() -> &'static Mutex<HashMap<usize, Vec<Staging>>> {
+    static POOL: OnceLock<Mutex<HashMap<usize, Vec<Staging>>>> = OnceLock::new();
+    POOL.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn take_staging(ordinal: usize) -> Staging {
+    let mut pool = staging_pool().lock().unwrap_or_else(|p| p.into_inner());
+    pool.get_mut(&ordinal)
+        .and_then(Vec::pop)
+        .unwrap_or_default()
+}
+
+fn give_staging(ordinal: usize, staging: Staging) {
+    let mut pool = staging_pool().lock().unwrap_or_else(|p| p.into_inner());
+    let idle = pool.entry(ordinal).or_default();
+    let held: u64 = idle.iter().map(Staging::bytes).sum();
+    if held + staging.bytes() <= STAGING_IDLE_MAX_BYTES {
+        idle.push(staging);
+    }
 }
 
 /// Copies the first `n` elements of pinned `src` into `dst` on `stream`, asynchronously.
@@ -262,8 +316,6 @@ pub struct CudaTable {
     first: u64,
     len_rows: u64,
     dim: usize,
-    slots: Vec<Slot>,
-    next_slot: usize,
     max_batch_rows: usize,
     /// Threads that copy a batch's values into pinned staging.
     copy_threads: usize,
@@ -326,8 +378,6 @@ impl CudaTable {
                 first: rows.start,
                 len_rows,
                 dim,
-                slots: Vec::new(),
-                next_slot: 0,
                 max_batch_rows: config.max_batch_rows,
                 copy_threads: config.cpu_threads.max(1),
             })
@@ -351,9 +401,14 @@ impl CudaTable {
         move |e| driver(&what, &self.device.name, bytes, e)
     }
 
-    /// Makes slot `i` hold at least `n` rows (growing to a power of two, at most the limit).
-    fn ensure_slot(&mut self, i: usize, n: usize) -> Result<(), Error> {
-        if self.slots.get(i).is_some_and(|s| s.capacity_rows >= n) {
+    /// Makes slot `i` of `staging` hold at least `n` rows of this table's `dim` (growing to a
+    /// power of two, at most the limit).
+    fn ensure_slot(&self, staging: &mut Staging, i: usize, n: usize) -> Result<(), Error> {
+        if staging
+            .slots
+            .get(i)
+            .is_some_and(|s| s.holds(n, n * self.dim))
+        {
             return Ok(());
         }
         let rows = n
@@ -378,23 +433,39 @@ impl CudaTable {
             host_values,
             dev_rows,
             dev_values,
-            capacity_rows: rows,
         };
-        if i < self.slots.len() {
-            self.slots[i] = slot;
+        if i < staging.slots.len() {
+            staging.slots[i] = slot;
         } else {
-            self.slots.push(slot);
+            staging.slots.push(slot);
         }
         Ok(())
     }
 
-    /// Applies validated batches, overlapping the copy of one with the apply of the previous.
+    /// Applies validated batches, overlapping the copy of one with the apply of the previous,
+    /// through staging shared by the device's tables.
     pub(crate) fn apply_many(&mut self, batches: &[(&[u32], &[f32])]) -> Result<(), Error> {
+        let mut staging = take_staging(self.device.ordinal);
+        let applied = self.apply_staged(&mut staging, batches);
+        // After an error the staging may still be in use by the device: it is dropped (cudarc
+        // waits for its events) rather than shared again.
+        if applied.is_ok() {
+            give_staging(self.device.ordinal, staging);
+        }
+        applied
+    }
+
+    /// `apply_many` through the given staging (grown as needed).
+    fn apply_staged(
+        &mut self,
+        staging: &mut Staging,
+        batches: &[(&[u32], &[f32])],
+    ) -> Result<(), Error> {
         guarded("apply", || {
             let largest = batches.iter().map(|(r, _)| r.len()).max().unwrap_or(0);
             // Allocate both slots first so an allocation failure leaves the table untouched.
             for i in 0..2 {
-                self.ensure_slot(i, largest)?;
+                self.ensure_slot(staging, i, largest)?;
             }
             let (first, dim) = (self.first, self.dim as u32);
             for (rows, values) in batches {
@@ -402,9 +473,9 @@ impl CudaTable {
                 if n == 0 {
                     continue;
                 }
-                let i = self.next_slot;
-                self.next_slot ^= 1;
-                let slot = &mut self.slots[i];
+                let i = staging.next;
+                staging.next ^= 1;
+                let slot = &mut staging.slots[i];
                 // `as_mut_slice` waits until the slot's previous copy has left the buffer.
                 let err = |e| driver("staging", &self.device.name, 0, e);
                 slot.host_rows.as_mut_slice().map_err(err)?[..n].copy_from_slice(rows);
@@ -474,10 +545,24 @@ impl CudaTable {
         })
     }
 
-    /// Replaces the table with `data` (checked to be `rows × dim` long) through pinned staging.
+    /// Replaces the table with `data` (checked to be `rows × dim` long): a slot-sized table
+    /// straight from `data`, a larger one through a pinned chunk.
     pub(crate) fn load(&mut self, data: &[f32]) -> Result<(), Error> {
         guarded("load", || {
-            let chunk = TRANSFER_CHUNK_VALUES.min(data.len()).max(1);
+            if data.is_empty() {
+                return Ok(());
+            }
+            if data.len() <= TRANSFER_CHUNK_VALUES {
+                // Slot-sized (a restore): straight from pageable memory, no pinned buffer.
+                let fresh = self
+                    .compute
+                    .clone_htod(data)
+                    .map_err(self.err("load", (data.len() * 4) as u64))?;
+                self.compute.synchronize().map_err(self.err("load", 0))?;
+                self.data = fresh;
+                return Ok(());
+            }
+            let chunk = TRANSFER_CHUNK_VALUES;
             // SAFETY: uninitialised pinned memory; each chunk is written before it is copied.
             let mut pinned = unsafe { self.ctx.alloc_pinned::<f32>(chunk) }
                 .map_err(self.err("load", (chunk * 4) as u64))?;
@@ -510,11 +595,22 @@ impl CudaTable {
         })
     }
 
-    /// The whole table, copied out through pinned host staging.
+    /// The whole table: a slot-sized table (at most one transfer chunk, as at every
+    /// checkpoint) is copied straight out, since pinning a buffer costs more than such a copy;
+    /// a larger one goes through a pinned chunk.
     pub(crate) fn export(&self) -> Result<Vec<f32>, Error> {
         guarded("export", || {
             let total = self.values();
-            let chunk = TRANSFER_CHUNK_VALUES.min(total).max(1);
+            if total == 0 {
+                return Ok(Vec::new());
+            }
+            if total <= TRANSFER_CHUNK_VALUES {
+                return self
+                    .compute
+                    .clone_dtoh(&self.data.slice(0..total))
+                    .map_err(self.err("export", 0));
+            }
+            let chunk = TRANSFER_CHUNK_VALUES;
             // SAFETY: uninitialised pinned memory, written by each copy before it is read.
             // Not write-combined: the host reads it back.
             let mut pinned = unsafe { self.ctx.alloc_pinned_with_flags::<f32>(chunk, 0) }
@@ -524,9 +620,25 @@ impl CudaTable {
             while at < total {
                 let len = chunk.min(total - at);
                 let src = self.data.slice(at..at + len);
-                self.compute
-                    .memcpy_dtoh(&src, &mut pinned)
+                {
+                    let (ptr, _src_done) = src.device_ptr(&self.compute);
+                    // SAFETY: the stream waits for earlier host reads of `pinned`, and its
+                    // event is recorded when `_dst_done` drops, after the copy is enqueued;
+                    // `as_slice` below waits on it.
+                    let (host, _dst_done) =
+                        unsafe { pinned.stream_synced_mut_slice(&self.compute) };
+                    // SAFETY: only `len` values are copied: the last chunk is shorter than
+                    // the pinned buffer, and copying the whole buffer would read past the
+                    // table (the driver refuses that as an invalid value).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtoh_async(
+                            &mut host[..len],
+                            ptr,
+                            self.compute.cu_stream(),
+                        )
+                    }
                     .map_err(self.err("export", 0))?;
+                }
                 // `as_slice` waits for the copy.
                 out.extend_from_slice(&pinned.as_slice().map_err(self.err("export", 0))?[..len]);
                 at += len;
@@ -588,7 +700,10 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         out.push(row("cuda d2d memcpy (read + write)", d2d, "GB/s", None));
 
         // Scatter-add alone: the batch already on the device.
-        t.apply_many(&[(&ids, &values)])?; // warm-up, fills the slots
+        // The bench holds its own staging, sized for its batches (the shared idle staging
+        // keeps at most `STAGING_IDLE_MAX_BYTES`); the warm-up fills it.
+        let mut staging = Staging::default();
+        t.apply_staged(&mut staging, &[(&ids, &values)])?;
         let kernels = t.kernels.clone();
         let dev_rows = t.compute.clone_htod(&ids).map_err(t.err("bench", 0))?;
         let dev_values = t.compute.clone_htod(&values).map_err(t.err("bench", 0))?;
@@ -649,7 +764,7 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         let mut best = f64::MAX;
         for _ in 0..reps.min(3) {
             let t0 = Instant::now();
-            t.apply_many(&list)?;
+            t.apply_staged(&mut staging, &list)?;
             best = best.min(t0.elapsed().as_secs_f64());
         }
         let feed = feed_batches as f64 * batch_bytes / best / 1e9;
@@ -659,8 +774,78 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
             "GB/s",
             Some(("cuda pinned h2d memcpy", h2d)),
         ));
+        drop(t);
+        out.extend(small_windows(device, cfg)?);
         Ok(out)
     })
+}
+
+/// Small windows as a node applies them: slot-sized tables (1,024 rows × 64), one batch of 64
+/// rows per `apply_many` (copy up, scatter-add, synchronise), on one thread and then on every
+/// core, each thread with its own tables. Reports the per-apply latency and the windows/s.
+fn small_windows(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, Error> {
+    let (tables_per_thread, rows, dim, batch) = (16u64, 1024u64, 64usize, 64usize);
+    let applies = if cfg.quick { 500 } else { 4000 };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let config = TableConfig {
+        max_batch_rows: 4096,
+        ..TableConfig::default()
+    };
+    let values: Vec<f32> = (0..batch * dim).map(|i| (i % 5) as f32 * 1e-3).collect();
+    let mut out = Vec::new();
+    for threads in [1, cores] {
+        let mut tables = Vec::new();
+        for k in 0..tables_per_thread * threads as u64 {
+            tables.push(CudaTable::create(device, k * rows..(k + 1) * rows, dim, &config)?);
+        }
+        let t0 = Instant::now();
+        let per_thread: Vec<Result<Vec<f64>, Error>> = std::thread::scope(|s| {
+            let handles: Vec<_> = tables
+                .chunks_mut(tables_per_thread as usize)
+                .enumerate()
+                .map(|(k, mine)| {
+                    let values = &values;
+                    s.spawn(move || {
+                        let mut lat = Vec::with_capacity(applies);
+                        for i in 0..applies {
+                            let t = &mut mine[i % mine.len()];
+                            let base = t.first as u32;
+                            let ids = random_rows(batch, rows, (k * applies + i) as u64 + 1);
+                            let ids: Vec<u32> = ids.iter().map(|r| base + r).collect();
+                            let a = Instant::now();
+                            t.apply_many(&[(&ids, values)])?;
+                            lat.push(a.elapsed().as_secs_f64() * 1e6);
+                        }
+                        Ok(lat)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|p| Err(Error::Driver(panic_text(p.as_ref()))))
+                })
+                .collect()
+        });
+        let wall = t0.elapsed().as_secs_f64();
+        let mut lat = Vec::new();
+        for l in per_thread {
+            lat.extend(l?);
+        }
+        lat.sort_by(f64::total_cmp);
+        let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+        let what = format!("cuda apply of a 64-row window, {threads} thread(s)");
+        out.push(row(&format!("{what}, p50"), pct(0.5), "µs", None));
+        out.push(row(&format!("{what}, p99"), pct(0.99), "µs", None));
+        out.push(row(
+            &format!("{what}, windows/s"),
+            lat.len() as f64 / wall,
+            "1/s",
+            None,
+        ));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -674,6 +859,35 @@ mod tests {
             Err(Error::Driver(text)) => assert!(text.contains("Unable to dynamically load")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_tables_of_a_device_share_their_staging() {
+        // Runs where a CUDA device is present (scripts/gpu-check.sh), passes trivially elsewhere.
+        let Some(device) = discover().ok().and_then(|d| d.into_iter().next()) else {
+            return;
+        };
+        let config = TableConfig {
+            max_batch_rows: 4096,
+            ..TableConfig::default()
+        };
+        let tables = 64u64;
+        for k in 0..tables {
+            let mut t = CudaTable::create(&device, k * 100..(k + 1) * 100, 64, &config).unwrap();
+            let rows = [k as u32 * 100 + 7];
+            t.apply_many(&[(&rows, &[1.5; 64])]).unwrap();
+            assert_eq!(t.gather(&rows).unwrap(), vec![1.5; 64]);
+            assert_eq!(t.export().unwrap().iter().sum::<f32>(), 1.5 * 64.0);
+        }
+        let pool = staging_pool().lock().unwrap();
+        let idle = pool.get(&device.ordinal).map_or(&[][..], Vec::as_slice);
+        assert!(!idle.is_empty(), "applied staging goes back to the pool");
+        assert!(
+            (idle.len() as u64) < tables,
+            "one staging per table: {}",
+            idle.len()
+        );
+        assert!(idle.iter().map(Staging::bytes).sum::<u64>() <= STAGING_IDLE_MAX_BYTES);
     }
 
     #[test]
