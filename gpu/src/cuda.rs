@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::ops::Range;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use cudarc::driver::{
@@ -234,34 +234,61 @@ impl Staging {
     }
 }
 
-/// Most pinned bytes of idle staging kept per device between applies (256 MiB); staging that
+/// Most pinned bytes of idle staging kept per device between applies (64 MiB); staging that
 /// would go over it is freed after its apply.
-const STAGING_IDLE_MAX_BYTES: u64 = 256 << 20;
+const STAGING_IDLE_MAX_BYTES: u64 = 64 << 20;
 
-/// Idle staging by device ordinal, shared by every table of the device. Pinning host memory
-/// costs far more than the copy of a small batch, and a node holds one table per slot (up to
-/// 1,024): staging per table would pin two buffers per slot. A table takes staging for one
+/// Most `apply_many` calls in flight on one device (8); more wait for one to finish. Past a
+/// few threads the driver serialises them anyway (`tessel bench gpu`: 64-row windows went
+/// from 27 µs on one thread to 138 µs each on 16), and each call in flight holds a staging.
+const APPLIES_IN_FLIGHT_PER_DEVICE: usize = 8;
+
+/// The staging of one device: idle stagings, and how many are out.
+#[derive(Default)]
+struct DeviceStaging {
+    idle: Vec<Staging>,
+    out: usize,
+}
+
+/// Staging by device ordinal, shared by every table of the device. Pinning host memory costs
+/// far more than the copy of a small batch, and a node holds one table per slot (up to 1,024):
+/// staging per table pinned two buffers per slot. A table takes a staging for one
 /// `apply_many` and gives it back once the apply has synchronised, so no copy or kernel still
-/// uses it.
-fn staging_pool() -> &'static Mutex<HashMap<usize, Vec<Staging>>> {
-    static POOL: OnceLock<Mutex<HashMap<usize, Vec<Staging>>>> = OnceLock::new();
-    POOL.get_or_init(|| Mutex::new(HashMap::new()))
+/// uses it; at most [`APPLIES_IN_FLIGHT_PER_DEVICE`] are out at once.
+fn staging_pool() -> &'static (Mutex<HashMap<usize, DeviceStaging>>, Condvar) {
+    static POOL: OnceLock<(Mutex<HashMap<usize, DeviceStaging>>, Condvar)> = OnceLock::new();
+    POOL.get_or_init(|| (Mutex::new(HashMap::new()), Condvar::new()))
 }
 
+/// A staging for one apply on device `ordinal`, waiting while the device has its most out.
 fn take_staging(ordinal: usize) -> Staging {
-    let mut pool = staging_pool().lock().unwrap_or_else(|p| p.into_inner());
-    pool.get_mut(&ordinal)
-        .and_then(Vec::pop)
-        .unwrap_or_default()
+    let (lock, freed) = staging_pool();
+    let mut pool = lock.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let device = pool.entry(ordinal).or_default();
+        if device.out < APPLIES_IN_FLIGHT_PER_DEVICE {
+            device.out += 1;
+            return device.idle.pop().unwrap_or_default();
+        }
+        pool = freed.wait(pool).unwrap_or_else(|p| p.into_inner());
+    }
 }
 
-fn give_staging(ordinal: usize, staging: Staging) {
-    let mut pool = staging_pool().lock().unwrap_or_else(|p| p.into_inner());
-    let idle = pool.entry(ordinal).or_default();
-    let held: u64 = idle.iter().map(Staging::bytes).sum();
-    if held + staging.bytes() <= STAGING_IDLE_MAX_BYTES {
-        idle.push(staging);
+/// Gives a staging back after its apply: kept for the next one when it is reusable (`Some`:
+/// the apply succeeded) and the device's idle staging stays within its budget, else freed.
+fn give_staging(ordinal: usize, staging: Option<Staging>) {
+    let (lock, freed) = staging_pool();
+    let mut pool = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let device = pool.entry(ordinal).or_default();
+    device.out = device.out.saturating_sub(1);
+    if let Some(staging) = staging {
+        let held: u64 = device.idle.iter().map(Staging::bytes).sum();
+        if held + staging.bytes() <= STAGING_IDLE_MAX_BYTES {
+            device.idle.push(staging);
+        }
     }
+    drop(pool);
+    freed.notify_one();
 }
 
 /// Copies the first `n` elements of pinned `src` into `dst` on `stream`, asynchronously.
@@ -449,9 +476,7 @@ impl CudaTable {
         let applied = self.apply_staged(&mut staging, batches);
         // After an error the staging may still be in use by the device: it is dropped (cudarc
         // waits for its events) rather than shared again.
-        if applied.is_ok() {
-            give_staging(self.device.ordinal, staging);
-        }
+        give_staging(self.device.ordinal, applied.is_ok().then_some(staging));
         applied
     }
 
@@ -796,7 +821,12 @@ fn small_windows(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, Err
     for threads in [1, cores] {
         let mut tables = Vec::new();
         for k in 0..tables_per_thread * threads as u64 {
-            tables.push(CudaTable::create(device, k * rows..(k + 1) * rows, dim, &config)?);
+            tables.push(CudaTable::create(
+                device,
+                k * rows..(k + 1) * rows,
+                dim,
+                &config,
+            )?);
         }
         let t0 = Instant::now();
         let per_thread: Vec<Result<Vec<f64>, Error>> = std::thread::scope(|s| {
@@ -879,8 +909,10 @@ mod tests {
             assert_eq!(t.gather(&rows).unwrap(), vec![1.5; 64]);
             assert_eq!(t.export().unwrap().iter().sum::<f32>(), 1.5 * 64.0);
         }
-        let pool = staging_pool().lock().unwrap();
-        let idle = pool.get(&device.ordinal).map_or(&[][..], Vec::as_slice);
+        let pool = staging_pool().0.lock().unwrap();
+        let idle = pool
+            .get(&device.ordinal)
+            .map_or(&[][..], |d| d.idle.as_slice());
         assert!(!idle.is_empty(), "applied staging goes back to the pool");
         assert!(
             (idle.len() as u64) < tables,
@@ -888,6 +920,40 @@ mod tests {
             idle.len()
         );
         assert!(idle.iter().map(Staging::bytes).sum::<u64>() <= STAGING_IDLE_MAX_BYTES);
+    }
+
+    #[test]
+    fn a_device_has_at_most_its_limit_of_applies_in_flight() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // Empty stagings need no device: this is the pool's bookkeeping alone.
+        let ordinal = 9_999;
+        let out: Vec<Staging> = (0..APPLIES_IN_FLIGHT_PER_DEVICE)
+            .map(|_| take_staging(ordinal))
+            .collect();
+        let got = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let staging = take_staging(ordinal);
+                got.store(true, Ordering::SeqCst);
+                staging
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            assert!(!got.load(Ordering::SeqCst), "one more than the limit waits");
+            let mut out = out.into_iter();
+            give_staging(ordinal, out.next());
+            let extra = waiter.join().unwrap();
+            assert!(got.load(Ordering::SeqCst));
+            give_staging(ordinal, Some(extra));
+            // A failed apply drops its staging (the `skip`) and gives back only its place.
+            give_staging(ordinal, None);
+            for staging in out.skip(1) {
+                give_staging(ordinal, Some(staging));
+            }
+        });
+        let pool = staging_pool().0.lock().unwrap();
+        let device = &pool[&ordinal];
+        assert_eq!(device.out, 0);
+        assert_eq!(device.idle.len(), APPLIES_IN_FLIGHT_PER_DEVICE - 1);
     }
 
     #[test]

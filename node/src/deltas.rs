@@ -84,6 +84,21 @@ pub const TRACE_HEADER: &str = "Tessel-Trace";
 /// The longest trace value that is echoed; longer or non-token values are ignored.
 pub const MAX_TRACE_BYTES: usize = 64;
 
+/// Runs a table operation that waits on a device (a CUDA table synchronises its stream, tens to
+/// hundreds of microseconds) without stalling the tasks queued behind it on this runtime
+/// worker: on a multi-thread runtime it goes through `block_in_place`, which hands the worker's
+/// queue to another thread first. CPU tables (a few microseconds of memory work per window) and
+/// current-thread runtimes run it inline.
+fn off_worker<R>(on_device: bool, f: impl FnOnce() -> R) -> R {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread && on_device {
+        tokio::task::block_in_place(f)
+    } else {
+        f()
+    }
+}
+
 /// Where owners announce traced frames they applied: `<c>.applied.<model>`.
 pub fn applied_subject(cluster: &str, model: &str) -> String {
     format!("{cluster}.applied.{model}")
@@ -654,7 +669,8 @@ impl SlotModel {
         chains: &HashMap<u32, u64>,
         kept: &mut std::collections::VecDeque<String>,
     ) -> Result<(), gpu::Error> {
-        let data = table.export()?;
+        let on_device = table.device().kind != gpu::DeviceKind::Cpu;
+        let data = off_worker(on_device, || table.export())?;
         let name = checkpoint_name(&self.model, self.slot, position);
         let bytes = encode_checkpoint(table.rows(), table.dim(), &data, position, chains);
         drop(data);
@@ -839,7 +855,8 @@ impl SlotModel {
                     .zip(batch_values.chunks(max_batch_rows * d))
                     .collect();
                 let apply_started = Instant::now();
-                if let Err(e) = table.apply_many(&batches) {
+                let on_device = table.device().kind != gpu::DeviceKind::Cpu;
+                if let Err(e) = off_worker(on_device, || table.apply_many(&batches)) {
                     // A validated window cannot be refused for its content: the device failed,
                     // and the window's deltas (already counted in `position`) must come again
                     // from the stream.
