@@ -26,21 +26,28 @@ use crate::bench::{BenchConfig, BenchRow, random_rows, row};
 use crate::table::{Error, TableConfig};
 use crate::{Device, DeviceKind};
 
-/// The kernels, as CUDA C. `scatter_add`: thread (x, y) of a block adds column x (then
-/// x + blockDim.x, …) of batch row `blockIdx.x * blockDim.y + y`, so consecutive threads touch
-/// consecutive columns of one row (coalesced); `atomicAdd` keeps repeated rows in one batch
-/// correct (their order of addition is not fixed). `gather` reads rows the same way.
+/// The kernels, as CUDA C. `grouped_add`: the batch's distinct rows, each once, with the range
+/// of its updates in the staged values (`idx[u + b] .. idx[u + b + 1]`, in batch order). Thread
+/// (x, y) of a block adds column x (then x + blockDim.x, …) of distinct row
+/// `blockIdx.x * blockDim.y + y`, so consecutive threads touch consecutive columns of one row
+/// (coalesced), and it adds that row's updates one after another in batch order: the same
+/// float additions in the same order as the CPU twin, so the tables agree bit for bit (no
+/// atomics, whose order of addition is not fixed). `gather` reads rows the same way.
 const KERNELS_CU: &str = r#"
-extern "C" __global__ void tessel_scatter_add(
-    float* __restrict__ table, const unsigned int* __restrict__ rows,
-    const float* __restrict__ values, unsigned long long first, unsigned int n, unsigned int dim)
+extern "C" __global__ void tessel_grouped_add(
+    float* __restrict__ table, const unsigned int* __restrict__ idx,
+    const float* __restrict__ values, unsigned long long first, unsigned int u, unsigned int dim)
 {
     for (unsigned long long b = (unsigned long long)blockIdx.x * blockDim.y + threadIdx.y;
-         b < n; b += (unsigned long long)gridDim.x * blockDim.y) {
-        float* dst = table + ((unsigned long long)rows[b] - first) * dim;
-        const float* src = values + b * dim;
+         b < u; b += (unsigned long long)gridDim.x * blockDim.y) {
+        float* dst = table + ((unsigned long long)idx[b] - first) * dim;
+        const unsigned int lo = idx[u + b], hi = idx[u + b + 1];
         for (unsigned int c = threadIdx.x; c < dim; c += blockDim.x) {
-            atomicAdd(dst + c, src[c]);
+            float acc = dst[c];
+            for (unsigned int j = lo; j < hi; ++j) {
+                acc += values[(unsigned long long)j * dim + c];
+            }
+            dst[c] = acc;
         }
     }
 }
@@ -151,7 +158,7 @@ pub(crate) fn discover() -> Result<Vec<Device>, String> {
 
 /// The compiled kernels of one device.
 struct Kernels {
-    scatter_add: CudaFunction,
+    grouped_add: CudaFunction,
     gather: CudaFunction,
 }
 
@@ -179,7 +186,7 @@ fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>, Error> {
             .map_err(|e| Error::Driver(format!("{name}: {e}")))
     };
     let k = Arc::new(Kernels {
-        scatter_add: function("tessel_scatter_add")?,
+        grouped_add: function("tessel_grouped_add")?,
         gather: function("tessel_gather")?,
     });
     map.insert(ctx.ordinal(), k.clone());
@@ -200,7 +207,8 @@ fn launch_config(n: usize, dim: usize) -> LaunchConfig {
     }
 }
 
-/// One slot of batch staging: pinned host buffers and their device twins.
+/// One slot of batch staging: pinned host buffers and their device twins. For a batch of `n`
+/// updates, `*_rows` holds up to `n` distinct rows and then their `n + 1` offsets.
 struct Slot {
     host_rows: PinnedHostSlice<u32>,
     host_values: PinnedHostSlice<f32>,
@@ -209,9 +217,9 @@ struct Slot {
 }
 
 impl Slot {
-    /// Whether it holds `rows` rows and `values` values.
+    /// Whether it holds a batch of `rows` updates and `values` values.
     fn holds(&self, rows: usize, values: usize) -> bool {
-        self.host_rows.len() >= rows && self.host_values.len() >= values
+        self.host_rows.len() > 2 * rows && self.host_values.len() >= values
     }
 
     /// Pinned bytes (the device twins hold as many).
@@ -332,6 +340,68 @@ fn parallel_copy(dst: &mut [f32], src: &[f32], threads: usize) {
     });
 }
 
+/// Whether `rows` (all inside `first .. first + len_rows`) names a row more than once. `seen`
+/// is a bitset of the table's rows, grown here on first use, all clear on entry and on return.
+fn repeats(rows: &[u32], first: u64, len_rows: u64, seen: &mut Vec<u64>) -> bool {
+    let words = len_rows.div_ceil(64) as usize;
+    if seen.len() < words {
+        seen.resize(words, 0);
+    }
+    let bit = |r: u32| {
+        let i = u64::from(r).saturating_sub(first) as usize;
+        (i / 64, 1u64 << (i % 64))
+    };
+    let mut marked = rows.len();
+    for (k, &r) in rows.iter().enumerate() {
+        let (w, b) = bit(r);
+        if seen[w] & b != 0 {
+            marked = k;
+            break;
+        }
+        seen[w] |= b;
+    }
+    for &r in &rows[..marked] {
+        let (w, b) = bit(r);
+        seen[w] &= !b;
+    }
+    marked < rows.len()
+}
+
+/// A batch regrouped for `tessel_grouped_add`: its distinct rows, the offsets of each one's
+/// updates (`offsets[k] .. offsets[k + 1]`, `distinct + 1` of them), and for each staged
+/// update the index of the batch update it copies, each row's in batch order.
+#[derive(Debug, PartialEq)]
+struct Grouping {
+    rows: Vec<u32>,
+    offsets: Vec<u32>,
+    order: Vec<u32>,
+}
+
+fn group(rows: &[u32]) -> Grouping {
+    // (row, index) keys: sorting them puts each row's updates together, in batch order.
+    let mut keys: Vec<u64> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| (u64::from(r) << 32) | i as u64)
+        .collect();
+    keys.sort_unstable();
+    let mut g = Grouping {
+        rows: Vec::new(),
+        offsets: Vec::new(),
+        order: Vec::with_capacity(keys.len()),
+    };
+    for (k, key) in keys.iter().enumerate() {
+        let row = (key >> 32) as u32;
+        if g.rows.last() != Some(&row) {
+            g.rows.push(row);
+            g.offsets.push(k as u32);
+        }
+        g.order.push(*key as u32);
+    }
+    g.offsets.push(keys.len() as u32);
+    g
+}
+
 /// A table in a CUDA device's memory.
 pub struct CudaTable {
     device: Device,
@@ -346,6 +416,8 @@ pub struct CudaTable {
     max_batch_rows: usize,
     /// Threads that copy a batch's values into pinned staging.
     copy_threads: usize,
+    /// One bit per table row, all clear between batches: finds a batch's repeated rows.
+    seen: Vec<u64>,
 }
 
 impl CudaTable {
@@ -407,6 +479,7 @@ impl CudaTable {
                 dim,
                 max_batch_rows: config.max_batch_rows,
                 copy_threads: config.cpu_threads.max(1),
+                seen: Vec::new(),
             })
         })
     }
@@ -443,16 +516,17 @@ impl CudaTable {
             .max(1024)
             .min(self.max_batch_rows.max(n));
         let values = rows * self.dim;
-        let bytes = (rows * 4 + values * 4) as u64;
+        let index = 2 * rows + 1;
+        let bytes = (index * 4 + values * 4) as u64;
         let e = |e| driver("staging", &self.device.name, bytes, e);
-        // SAFETY: pinned memory is uninitialised; only the first `n` rows of a batch are ever
-        // written by the host and then copied, so nothing uninitialised is read.
-        let host_rows = unsafe { self.ctx.alloc_pinned::<u32>(rows) }.map_err(e)?;
+        // SAFETY: pinned memory is uninitialised; only the prefix a batch writes is copied,
+        // so nothing uninitialised is read.
+        let host_rows = unsafe { self.ctx.alloc_pinned::<u32>(index) }.map_err(e)?;
         // SAFETY: as above.
         let host_values = unsafe { self.ctx.alloc_pinned::<f32>(values) }.map_err(e)?;
-        // SAFETY: device staging is uninitialised; kernels read only the first `n` entries,
-        // which the copy stream writes before the kernel (ordered by cudarc's events).
-        let dev_rows = unsafe { self.copy.alloc::<u32>(rows) }.map_err(e)?;
+        // SAFETY: device staging is uninitialised; kernels read only the prefix the copy
+        // stream writes before them (ordered by cudarc's events).
+        let dev_rows = unsafe { self.copy.alloc::<u32>(index) }.map_err(e)?;
         // SAFETY: as above.
         let dev_values = unsafe { self.copy.alloc::<f32>(values) }.map_err(e)?;
         let slot = Slot {
@@ -501,15 +575,37 @@ impl CudaTable {
                 let i = staging.next;
                 staging.next ^= 1;
                 let slot = &mut staging.slots[i];
+                let dim_values = dim as usize;
                 // `as_mut_slice` waits until the slot's previous copy has left the buffer.
                 let err = |e| driver("staging", &self.device.name, 0, e);
-                slot.host_rows.as_mut_slice().map_err(err)?[..n].copy_from_slice(rows);
-                parallel_copy(
-                    &mut slot.host_values.as_mut_slice().map_err(err)?[..values.len()],
-                    values,
-                    self.copy_threads,
-                );
-                htod_prefix(&self.copy, &slot.host_rows, n, &mut slot.dev_rows).map_err(err)?;
+                let index = slot.host_rows.as_mut_slice().map_err(err)?;
+                let host_values =
+                    &mut slot.host_values.as_mut_slice().map_err(err)?[..values.len()];
+                let distinct = if repeats(rows, self.first, self.len_rows, &mut self.seen) {
+                    // Each row once, its updates side by side in batch order.
+                    let g = group(rows);
+                    index[..g.rows.len()].copy_from_slice(&g.rows);
+                    index[g.rows.len()..2 * g.rows.len() + 1].copy_from_slice(&g.offsets);
+                    for (out, &at) in host_values.chunks_exact_mut(dim_values).zip(&g.order) {
+                        let at = at as usize * dim_values;
+                        out.copy_from_slice(&values[at..at + dim_values]);
+                    }
+                    g.rows.len()
+                } else {
+                    index[..n].copy_from_slice(rows);
+                    for (k, o) in index[n..2 * n + 1].iter_mut().enumerate() {
+                        *o = k as u32;
+                    }
+                    parallel_copy(host_values, values, self.copy_threads);
+                    n
+                };
+                htod_prefix(
+                    &self.copy,
+                    &slot.host_rows,
+                    2 * distinct + 1,
+                    &mut slot.dev_rows,
+                )
+                .map_err(err)?;
                 htod_prefix(
                     &self.copy,
                     &slot.host_values,
@@ -517,19 +613,20 @@ impl CudaTable {
                     &mut slot.dev_values,
                 )
                 .map_err(err)?;
-                let n32 = n as u32;
-                let mut launch = self.compute.launch_builder(&self.kernels.scatter_add);
+                let u32_distinct = distinct as u32;
+                let mut launch = self.compute.launch_builder(&self.kernels.grouped_add);
                 launch
                     .arg(&mut self.data)
                     .arg(&slot.dev_rows)
                     .arg(&slot.dev_values)
                     .arg(&first)
-                    .arg(&n32)
+                    .arg(&u32_distinct)
                     .arg(&dim);
-                // SAFETY: the arguments match `tessel_scatter_add`'s signature in order and
-                // type; every row was checked to lie in the table, `n` rows of `dim` values
-                // are staged, and cudarc orders the launch after the copy stream's writes.
-                unsafe { launch.launch(launch_config(n, dim as usize)) }.map_err(err)?;
+                // SAFETY: the arguments match `tessel_grouped_add`'s signature in order and
+                // type; every row was checked to lie in the table; the index holds `distinct`
+                // rows and `distinct + 1` offsets, the last equal to `n`, and `n` rows of `dim`
+                // values are staged; cudarc orders the launch after the copy stream's writes.
+                unsafe { launch.launch(launch_config(distinct, dim_values)) }.map_err(err)?;
             }
             self.compute
                 .synchronize()
@@ -673,6 +770,14 @@ impl CudaTable {
     }
 }
 
+/// `n` distinct row ids below `rows` (a power of two, at least `n`), in a scattered order: an
+/// odd stride is a bijection modulo a power of two.
+fn distinct_rows(n: usize, rows: u64, seed: u64) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| (seed.wrapping_add(i.wrapping_mul(0x9e37_79b9)) % rows) as u32)
+        .collect()
+}
+
 /// Seconds `f` takes, after synchronising `stream`.
 fn timed(stream: &Arc<CudaStream>, f: impl FnOnce() -> Result<(), Error>) -> Result<f64, Error> {
     stream
@@ -698,7 +803,7 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
             ..TableConfig::default()
         };
         let mut t = CudaTable::create(device, 0..table_rows, dim, &config)?;
-        let ids = random_rows(batch, table_rows, 0x2545_f491_4f6c_dd1d);
+        let ids = distinct_rows(batch, table_rows, 0x2545_f491_4f6c_dd1d);
         let values: Vec<f32> = (0..batch * dim).map(|i| (i % 7) as f32 * 1e-3).collect();
         let row_bytes = (dim * 4) as f64;
         let mut out = Vec::new();
@@ -730,22 +835,25 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         let mut staging = Staging::default();
         t.apply_staged(&mut staging, &[(&ids, &values)])?;
         let kernels = t.kernels.clone();
-        let dev_rows = t.compute.clone_htod(&ids).map_err(t.err("bench", 0))?;
+        // Distinct rows, so the index is the rows then the offsets 0..=n.
+        let index: Vec<u32> = ids.iter().copied().chain(0..=batch as u32).collect();
+        let dev_index = t.compute.clone_htod(&index).map_err(t.err("bench", 0))?;
         let dev_values = t.compute.clone_htod(&values).map_err(t.err("bench", 0))?;
         let (first, n32, dim32) = (0u64, batch as u32, dim as u32);
         let mut best = f64::MAX;
         for _ in 0..reps {
             let s = timed(&t.compute, || {
-                let mut launch = t.compute.launch_builder(&kernels.scatter_add);
+                let mut launch = t.compute.launch_builder(&kernels.grouped_add);
                 launch
                     .arg(&mut t.data)
-                    .arg(&dev_rows)
+                    .arg(&dev_index)
                     .arg(&dev_values)
                     .arg(&first)
                     .arg(&n32)
                     .arg(&dim32);
-                // SAFETY: arguments match `tessel_scatter_add`; the rows are below
-                // `table_rows`, and `dev_values` holds `batch × dim` values.
+                // SAFETY: arguments match `tessel_grouped_add`; the rows are distinct and
+                // below `table_rows`, the index holds them and `batch + 1` offsets, and
+                // `dev_values` holds `batch × dim` values.
                 unsafe { launch.launch(launch_config(batch, dim)) }
                     .map(|_| ())
                     .map_err(|e| Error::Driver(e.to_string()))
@@ -920,6 +1028,84 @@ mod tests {
             idle.len()
         );
         assert!(idle.iter().map(Staging::bytes).sum::<u64>() <= STAGING_IDLE_MAX_BYTES);
+    }
+
+    #[test]
+    fn repeats_finds_a_repeated_row_and_leaves_the_bitset_clear() {
+        let mut seen = Vec::new();
+        assert!(!repeats(&[100, 163, 164, 227], 100, 128, &mut seen));
+        assert!(seen.iter().all(|&w| w == 0));
+        assert!(repeats(&[100, 163, 164, 163, 227], 100, 128, &mut seen));
+        assert!(seen.iter().all(|&w| w == 0), "cleared after a repeat too");
+        assert!(!repeats(&[], 100, 128, &mut seen));
+        assert_eq!(seen.len(), 2);
+    }
+
+    #[test]
+    fn grouping_keeps_each_rows_updates_in_batch_order() {
+        let g = group(&[7, 3, 7, 9, 3, 7]);
+        assert_eq!(g.rows, vec![3, 7, 9]);
+        assert_eq!(g.offsets, vec![0, 2, 5, 6]);
+        assert_eq!(g.order, vec![1, 4, 0, 2, 5, 3]);
+        let none = group(&[]);
+        assert_eq!(
+            (none.rows.len(), none.offsets, none.order.len()),
+            (0, vec![0], 0)
+        );
+    }
+
+    /// What `tessel_grouped_add` does, on the host: each distinct row's updates in order.
+    fn grouped_add_on_host(
+        table: &mut [f32],
+        first: u64,
+        dim: usize,
+        rows: &[u32],
+        values: &[f32],
+    ) {
+        let g = group(rows);
+        for (k, &row) in g.rows.iter().enumerate() {
+            let at = (u64::from(row) - first) as usize * dim;
+            for c in 0..dim {
+                let mut acc = table[at + c];
+                for &j in &g.order[g.offsets[k] as usize..g.offsets[k + 1] as usize] {
+                    acc += values[j as usize * dim + c];
+                }
+                table[at + c] = acc;
+            }
+        }
+    }
+
+    #[test]
+    fn the_grouped_add_is_bit_for_bit_the_cpu_twin() {
+        // Many repeats of few rows, values of mixed magnitude: any change of the order of
+        // additions shows in the low bits.
+        let (first, len, dim) = (1_000u64, 50u64, 3usize);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let rows: Vec<u32> = (0..2_000).map(|_| (first + next() % len) as u32).collect();
+        let values: Vec<f32> = (0..rows.len() * dim)
+            .map(|_| {
+                let v = (next() % 2_000_001) as f32 / 1_000.0 - 1_000.0;
+                v * if next() % 3 == 0 { 1e-4 } else { 1.0 }
+            })
+            .collect();
+        let mut cpu = crate::cpu::Table::zeros(first..first + len, dim);
+        cpu.apply(&rows, &values, 1).unwrap();
+        let mut host = vec![0.0f32; len as usize * dim];
+        grouped_add_on_host(&mut host, first, dim, &rows, &values);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&host), bits(cpu.data()));
+        // And the order matters: summing the same updates in another order differs somewhere.
+        let mut reversed = vec![0.0f32; len as usize * dim];
+        let rev_rows: Vec<u32> = rows.iter().rev().copied().collect();
+        let rev_values: Vec<f32> = values.chunks(dim).rev().flatten().copied().collect();
+        grouped_add_on_host(&mut reversed, first, dim, &rev_rows, &rev_values);
+        assert_ne!(bits(&reversed), bits(cpu.data()));
     }
 
     #[test]

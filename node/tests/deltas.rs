@@ -237,6 +237,22 @@ async fn fault(c: &TestCluster, node: &str, body: serde_json::Value) -> serde_js
 }
 
 /// The text of a log without its colour codes (`ESC [ … m`).
+/// The device a node serves the model's slots on, from its first "serving the model's slots"
+/// line (`device=cpu:0`, or `cuda:0` on a GPU machine).
+fn serving_device(c: &TestCluster, node: &str) -> String {
+    let log = strip_ansi(&c.log(node));
+    log.lines()
+        .filter(|l| l.contains("serving the model's slots"))
+        .find_map(|l| {
+            let i = l.find("device=")?;
+            l[i + "device=".len()..]
+                .split_whitespace()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| panic!("{node} serves no slots yet\n{log}"))
+}
+
 fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
@@ -281,12 +297,15 @@ async fn a_device_lost_mid_run_loses_no_acknowledged_delta() {
     )
     .await;
     assert_eq!(v["error"]["kind"], "no_such_device", "{v}");
-    // The device holding n2's tables is lost while the producer runs; later, n3's too.
-    let v = fault(&c, "n2", json!({"fault": "device-lost", "device": "cpu:0"})).await;
-    assert_eq!(v["ok"]["device"], "cpu:0", "{v}");
+    // The device holding n2's tables is lost while the producer runs; later, n3's too. That
+    // is `cpu:0` here, `cuda:0` on a GPU machine: each node's log names it.
+    let d2 = serving_device(&c, "n2");
+    let v = fault(&c, "n2", json!({"fault": "device-lost", "device": d2})).await;
+    assert_eq!(v["ok"]["device"], d2.as_str(), "{v}");
     tokio::time::sleep(Duration::from_millis(2_000)).await;
-    let v = fault(&c, "n3", json!({"fault": "device-lost", "device": "cpu:0"})).await;
-    assert_eq!(v["ok"]["device"], "cpu:0", "{v}");
+    let d3 = serving_device(&c, "n3");
+    let v = fault(&c, "n3", json!({"fault": "device-lost", "device": d3})).await;
+    assert_eq!(v["ok"]["device"], d3.as_str(), "{v}");
     let counts = load.await.unwrap();
     common::wait_equal(&c, "g", ROWS, &counts).await;
     replay_verifies(&c, "g");
