@@ -502,19 +502,27 @@ pub struct SlotModel {
 }
 
 impl SlotModel {
-    /// The names of this model's checkpoints (of every slot), oldest first.
-    async fn checkpoint_names(&self) -> Vec<String> {
+    /// The names of this model's checkpoints (of every slot), oldest first. A listing that
+    /// fails, at the start or part-way, is an error rather than fewer names: a slot restored
+    /// from a short list would start from an older checkpoint, or from nothing, and rebuild
+    /// from the stream what its newest checkpoint already holds (correct, since the stream
+    /// keeps every delta, but a storm of replays on a server that is already struggling).
+    async fn checkpoint_names(&self) -> Result<Vec<String>, String> {
         let prefix = format!("{}.", self.model);
         let mut names = Vec::new();
-        if let Ok(mut list) = self.checkpoints.list().await {
-            while let Some(Ok(info)) = list.next().await {
-                if info.name.starts_with(&prefix) && !info.deleted {
-                    names.push(info.name);
-                }
+        let mut list = self
+            .checkpoints
+            .list()
+            .await
+            .map_err(|e| format!("cannot list the checkpoints: {e}"))?;
+        while let Some(item) = list.next().await {
+            let info = item.map_err(|e| format!("the checkpoint listing broke off: {e}"))?;
+            if info.name.starts_with(&prefix) && !info.deleted {
+                names.push(info.name);
             }
         }
         names.sort();
-        names
+        Ok(names)
     }
 
     /// The names among `names` that belong to this slot.
@@ -523,10 +531,11 @@ impl SlotModel {
         names.iter().filter(move |n| n.starts_with(&prefix))
     }
 
-    /// The newest readable checkpoint of the slot, if it has one.
-    pub async fn restore(&self) -> Option<SlotState> {
-        let names = self.checkpoint_names().await;
-        self.restore_from(&names, u64::MAX).await
+    /// The newest readable checkpoint of the slot, if it has one; an error when the
+    /// checkpoints cannot be listed.
+    pub async fn restore(&self) -> Result<Option<SlotState>, String> {
+        let names = self.checkpoint_names().await?;
+        Ok(self.restore_from(&names, u64::MAX).await)
     }
 
     /// The newest readable checkpoint among `names` at a position of at most `limit`.
@@ -1261,7 +1270,10 @@ impl ModelHost {
         // One listing for the group, and a bounded number of checkpoint reads at a time: each
         // is a server-side consumer, and the server limits them.
         let names = match models.first() {
-            Some(m) => m.checkpoint_names().await,
+            Some(m) => m.checkpoint_names().await.map_err(|e| {
+                Metrics::inc(&self.metrics.checkpoint_list_failures_total);
+                anyhow::anyhow!("{e} (the group starts at the next reconcile)")
+            })?,
             None => Vec::new(),
         };
         let mut restored = Vec::with_capacity(models.len());
@@ -1728,7 +1740,7 @@ async fn replay_states(
     };
     let own = template.for_generation(me);
     let started = Instant::now();
-    let names = own.checkpoint_names().await;
+    let names = own.checkpoint_names().await?;
     debug!(model = %me.model, checkpoints = names.len(), ms = started.elapsed().as_millis() as u64, "replay: listed checkpoints");
     let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
     let mut missing = std::collections::BTreeSet::new();
@@ -1965,7 +1977,7 @@ pub async fn stream_changes(
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
 ) -> Result<actors::merge::Changes, String> {
     let own = template.for_generation(me);
-    let names = own.checkpoint_names().await;
+    let names = own.checkpoint_names().await?;
     let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
     for slot in Slot::all() {
         let range = slot_rows(template.rows, slot);

@@ -169,6 +169,7 @@ metrics! {
     counter deltas_rejected_total: "Delta frames refused and dead-lettered.",
     counter deltas_skipped_total: "Delta frames skipped as already applied (redelivery, replay).",
     counter checkpoints_total: "Slot checkpoints written.",
+    counter checkpoint_list_failures_total: "Model starts put off because the checkpoints could not be listed (retried at the next reconcile).",
     counter devices_lost_total: "Devices lost (a driver error or the fault switch); their tables are rebuilt.",
     counter tables_lost_total: "Slot tables that stopped on a lost device (rebuilt from checkpoint and stream).",
     counter faults_refused_total: "Fault-switch requests refused (disabled, malformed, unknown fault or device).",
