@@ -93,8 +93,10 @@ fn compare(ops: &[DeltaOp], values: &HashMap<u32, f32>) -> DeltaCheck {
     c
 }
 
-/// Reads rows slot by slot; rows of a slot that does not answer read NaN. Returns the values
-/// and the last error.
+/// Reads rows slot by slot, fresh: an owner answers once it has taken every delta the stream
+/// holds for the slot, so a slot still catching up (restored, moved, replaying its tail) is not
+/// read as a lost write. Rows of a slot that does not answer, or is still behind after the
+/// read's timeout, read NaN (unreadable, not lost). Returns the values and the last error.
 async fn read_rows(
     client: &async_nats::Client,
     rows: &[u32],
@@ -115,6 +117,7 @@ async fn read_rows(
             MODEL,
             MODEL_ROWS,
             &rows,
+            tessel_node::deltas::Freshness::Fresh,
             Duration::from_secs(3),
         )
         .await

@@ -1028,6 +1028,17 @@ impl SlotModel {
             return Ok(());
         };
         let body = match serde_json::from_slice::<Value>(&req.payload) {
+            // Read your writes: the reader asks for the slot's state at or after a position
+            // (the stream sequence of the last delta it must see); until the slot has taken
+            // it, the answer is `behind`, and the reader asks again.
+            Ok(v) if v["min_position"].as_u64().is_some_and(|m| m > position) => json!({
+                "error": {
+                    "kind": "behind",
+                    "position": position,
+                    "min_position": v["min_position"],
+                    "message": format!("the slot is at position {position}, behind the position asked for"),
+                }
+            }),
             Ok(v) => {
                 let rows: Vec<u32> = v["rows"]
                     .as_array()
@@ -1066,6 +1077,17 @@ pub enum SlotExit {
     Lost,
 }
 
+/// How fresh a read must be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Whatever the owner has applied (it may be catching up after a restart or a move).
+    Any,
+    /// At least every delta the stream held for the slot when the read began: the read waits
+    /// (up to its timeout) until the owner has taken the slot's last delta, so a writer that
+    /// was acknowledged before it reads sees its writes.
+    Fresh,
+}
+
 /// Reads rows of a model from the owners of their slots.
 pub async fn get_rows(
     client: &async_nats::Client,
@@ -1073,8 +1095,19 @@ pub async fn get_rows(
     model: &str,
     total_rows: u64,
     rows: &[u32],
+    freshness: Freshness,
     timeout: Duration,
 ) -> Result<Vec<Vec<f32>>, String> {
+    let stream = match freshness {
+        Freshness::Any => None,
+        // No stream info (a permission the producer role lacks): direct gets only.
+        Freshness::Fresh => Some(
+            jetstream::new(client.clone())
+                .get_stream_no_info(deltas_stream(cluster))
+                .await
+                .map_err(|e| format!("the deltas stream: {e}"))?,
+        ),
+    };
     let mut by_slot: BTreeMap<u16, Vec<(usize, u32)>> = BTreeMap::new();
     for (i, &r) in rows.iter().enumerate() {
         let s = slot_of_row(total_rows, u64::from(r))
@@ -1084,7 +1117,19 @@ pub async fn get_rows(
     let mut out = vec![Vec::new(); rows.len()];
     for (slot, items) in by_slot {
         let slot = Slot::new(u64::from(slot)).map_err(|e| e.to_string())?;
-        let body = json!({"rows": items.iter().map(|(_, r)| r).collect::<Vec<_>>()});
+        let mut body = json!({"rows": items.iter().map(|(_, r)| r).collect::<Vec<_>>()});
+        if let Some(stream) = &stream {
+            // The slot's last delta now; none yet: nothing to wait for.
+            match stream
+                .direct_get_last_for_subject(delta_subject(cluster, model, slot))
+                .await
+            {
+                Ok(m) => body["min_position"] = json!(m.sequence),
+                Err(e)
+                    if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {}
+                Err(e) => return Err(format!("slot {}: the last delta: {e}", slot.get())),
+            }
+        }
         let (got, _) = read_request(
             client,
             cluster,
@@ -1442,7 +1487,14 @@ async fn read_request(
     attempt: Duration,
     timeout: Duration,
 ) -> Result<(Vec<Vec<f32>>, u64), String> {
-    let v = read_reply(client, cluster, model, slot, body, attempt, timeout).await?;
+    let started = Instant::now();
+    let v = loop {
+        let v = read_reply(client, cluster, model, slot, body, attempt, timeout).await?;
+        if v["error"]["kind"] != "behind" || started.elapsed() >= timeout {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let got = v["ok"]["rows"]
         .as_array()
         .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;

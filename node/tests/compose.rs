@@ -1071,7 +1071,8 @@ fn compose_services_form_a_cluster_and_apply_the_demo_deltas() {
     assert_eq!(verify["verified"], true, "{verify}");
     println!("compose: replay --verify: {verify}");
 
-    // The producer user can read rows too (its permissions cover row reads).
+    // The producer user can read rows too, fresh ones included (its permissions cover row
+    // reads and the direct gets of each slot's last delta).
     let (code, out, err) = d.tessel_as(
         "producer",
         "tessel-producer",
@@ -1082,6 +1083,7 @@ fn compose_services_form_a_cluster_and_apply_the_demo_deltas() {
             &model,
             "--rows",
             "0",
+            "--fresh",
             "--json",
             "--cluster",
             CLUSTER,

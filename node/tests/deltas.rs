@@ -387,3 +387,68 @@ async fn a_model_that_fits_nowhere_fails_its_deploy_with_the_reason() {
     let v = fault(&c, "n1", json!({"fault": "device-lost", "device": "cpu:0"})).await;
     assert_eq!(v["error"]["kind"], "disabled", "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_read_sees_every_acknowledged_write() {
+    let mut c = TestCluster::start(1, 2).await;
+    c.wait_settled_on(&["n1", "n2"], SETTLE).await;
+    serving(&c, "r").await;
+    // A read asking for a position the slot has not reached is answered `behind`, with the
+    // slot's position.
+    let slot0 = cluster::Slot::new(0).unwrap();
+    let reply = c
+        .client
+        .request(
+            tessel_node::deltas::read_subject("tessel", "r", slot0),
+            json!({"rows": [0], "min_position": 1u64 << 40})
+                .to_string()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v["error"]["kind"], "behind", "{v}");
+    assert!(v["error"]["position"].as_u64().is_some(), "{v}");
+    // Each acknowledged write is seen by the fresh read right after it, on whichever slots
+    // and owners it landed (values differ per round, so a stale read cannot pass).
+    let js = async_nats::jetstream::new(c.client.clone());
+    let mut producer = Producer::new(js, "tessel", "r", ROWS, DIM, 32, 7);
+    let rows: Vec<u32> = vec![3, 700, 1_500, 2_047];
+    let mut expect = vec![0.0f32; rows.len()];
+    for round in 1..=40u32 {
+        if round == 21 {
+            // Half the slots move: their new owner restores a checkpoint and replays the tail
+            // while the reads go on (and wait for it).
+            c.kill9("n2").await;
+        }
+        let add = round as f32 * 0.25;
+        let values = vec![add; rows.len() * DIM as usize];
+        producer.send(&rows, &values).await.unwrap();
+        for e in &mut expect {
+            *e += add;
+        }
+        let got = tessel_node::deltas::get_rows(
+            &c.client,
+            "tessel",
+            "r",
+            ROWS,
+            &rows,
+            tessel_node::deltas::Freshness::Fresh,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+        for ((row, want), v) in rows.iter().zip(&expect).zip(&got) {
+            assert_eq!(v, &vec![*want; DIM as usize], "round {round}, row {row}");
+        }
+    }
+    // The CLI's --fresh reads the same.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args(["model", "get", "r", "--rows", "3,2047", "--fresh", "--json"])
+        .args(["--nats", &c.nats.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rows"][1]["values"], json!([expect[3], expect[3]]), "{v}");
+}

@@ -243,6 +243,10 @@ enum ModelCommand {
         /// Comma-separated rows.
         #[arg(long)]
         rows: String,
+        /// Wait until each slot's owner has applied every delta the stream held for the slot
+        /// when the read began (read your writes), instead of reading what it has now.
+        #[arg(long)]
+        fresh: bool,
         /// One JSON object.
         #[arg(long)]
         json: bool,
@@ -374,7 +378,12 @@ pub fn model(args: ModelArgs) -> ExitCode {
                 }
                 ExitCode::SUCCESS
             }
-            ModelCommand::Get { name, rows, json } => crate::cmd::produce::get(&args.target, &name, &rows, json).await,
+            ModelCommand::Get {
+                name,
+                rows,
+                fresh,
+                json,
+            } => crate::cmd::produce::get(&args.target, &name, &rows, fresh, json).await,
             ModelCommand::Branch { model, at_seq, at_time, name } => {
                 let at = match (at_seq, at_time) {
                     (Some(s), _) => crate::cmd::branch::ForkPoint::Seq(s),

@@ -182,7 +182,13 @@ pub async fn model_shape(
 }
 
 /// Arguments of `tessel model get` (see `cmd::actor`).
-pub async fn get(target: &Target, model: &str, rows: &str, json_out: bool) -> ExitCode {
+pub async fn get(
+    target: &Target,
+    model: &str,
+    rows: &str,
+    fresh: bool,
+    json_out: bool,
+) -> ExitCode {
     let ids: Result<Vec<u32>, _> = rows.split(',').map(|r| r.trim().parse::<u32>()).collect();
     let Ok(ids) = ids else {
         eprintln!("tessel model get: --rows takes comma-separated row numbers");
@@ -198,6 +204,11 @@ pub async fn get(target: &Target, model: &str, rows: &str, json_out: bool) -> Ex
         model,
         total,
         &ids,
+        if fresh {
+            crate::deltas::Freshness::Fresh
+        } else {
+            crate::deltas::Freshness::Any
+        },
         Duration::from_secs(10),
     )
     .await

@@ -114,6 +114,7 @@ pub async fn wait_equal(
             model,
             total_rows,
             &rows,
+            tessel_node::deltas::Freshness::Any,
             Duration::from_secs(5),
         )
         .await
