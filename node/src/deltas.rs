@@ -525,6 +525,25 @@ impl SlotModel {
         Ok(names)
     }
 
+    /// The stream sequence of the slot's last delta, if it has any.
+    async fn last_delta_seq(&self) -> Result<Option<u64>, String> {
+        let stream = self
+            .js
+            .get_stream_no_info(deltas_stream(&self.cluster))
+            .await
+            .map_err(|e| e.to_string())?;
+        match stream
+            .direct_get_last_for_subject(delta_subject(&self.cluster, &self.model, self.slot))
+            .await
+        {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// The names among `names` that belong to this slot.
     fn own<'a>(&self, names: &'a [String]) -> impl DoubleEndedIterator<Item = &'a String> {
         let prefix = format!("{}.{}.", self.model, self.slot.get());
@@ -766,6 +785,7 @@ impl SlotModel {
             }
         };
         let mut since_ckpt = 0u64;
+        let mut gate = ReadGate::Unknown;
         let mut last_ckpt = Instant::now();
         let window = Duration::from_millis(self.cfg.window_ms);
         let max_batch_rows = table.config().max_batch_rows.max(1);
@@ -789,7 +809,7 @@ impl SlotModel {
                         r = async { match reads.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
                             if let Some(req) = r {
                                 guard(&mut table);
-                                if let Err(e) = self.answer(&table, position, req).await {
+                                if let Err(e) = self.answer(&table, position, &mut gate, req).await {
                                     return lost(&e);
                                 }
                             }
@@ -1022,21 +1042,45 @@ impl SlotModel {
         &self,
         table: &gpu::Table,
         position: u64,
+        gate: &mut ReadGate,
         req: async_nats::Message,
     ) -> Result<(), gpu::Error> {
         let Some(reply) = req.reply else {
             return Ok(());
         };
+        // A new owner (restored from a checkpoint, replaying the tail) does not answer from an
+        // older table than the stream held for the slot when its first read came.
+        if *gate == ReadGate::Unknown {
+            *gate = match self.last_delta_seq().await {
+                Ok(Some(seq)) => ReadGate::Until(seq),
+                Ok(None) => ReadGate::Open,
+                Err(e) => {
+                    debug!(model = %self.model, slot = self.slot.get(), error = %e, "cannot read the slot's last delta; the read is answered behind");
+                    ReadGate::Unknown
+                }
+            };
+        }
+        if let ReadGate::Until(seq) = *gate
+            && position >= seq
+        {
+            *gate = ReadGate::Open;
+        }
+        let gate_min = match *gate {
+            ReadGate::Open => 0,
+            ReadGate::Until(seq) => seq,
+            // Not known yet: the reader asks again.
+            ReadGate::Unknown => u64::MAX,
+        };
         let body = match serde_json::from_slice::<Value>(&req.payload) {
             // Read your writes: the reader asks for the slot's state at or after a position
             // (the stream sequence of the last delta it must see); until the slot has taken
             // it, the answer is `behind`, and the reader asks again.
-            Ok(v) if v["min_position"].as_u64().is_some_and(|m| m > position) => json!({
+            Ok(v) if v["min_position"].as_u64().unwrap_or(0).max(gate_min) > position => json!({
                 "error": {
                     "kind": "behind",
                     "position": position,
-                    "min_position": v["min_position"],
-                    "message": format!("the slot is at position {position}, behind the position asked for"),
+                    "min_position": v["min_position"].as_u64().unwrap_or(0).max(gate_min),
+                    "message": format!("the slot is at position {position}, behind the position asked for or the one it must reach before it answers"),
                 }
             }),
             Ok(v) => {
@@ -1066,6 +1110,21 @@ impl SlotModel {
             .await;
         Ok(())
     }
+}
+
+/// Whether a slot model answers reads: only once it has applied what the stream held for its
+/// slot when its first read came, so that a slot taken over (restored from a checkpoint, the
+/// tail not yet replayed) never answers from an older table than its previous owner did. The
+/// reader asks again while the answer is `behind` ("reads during a move are served by the old
+/// owner until the new one is ready, or retried").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadGate {
+    /// No read yet (or the slot's last delta could not be read).
+    Unknown,
+    /// Closed until the slot's position reaches this stream sequence.
+    Until(u64),
+    /// Open for good.
+    Open,
 }
 
 /// How a slot model ended.
