@@ -13,7 +13,7 @@ use common::{SETTLE, TestCluster};
 use futures::StreamExt;
 use serde_json::json;
 use tessel_node::client::ActorClient;
-use tessel_node::deltas::{Producer, dlq_subject};
+use tessel_node::deltas::{Freshness, Producer, dlq_subject};
 
 const ROWS: u64 = 2_048;
 const DIM: u32 = 2;
@@ -388,6 +388,30 @@ async fn a_model_that_fits_nowhere_fails_its_deploy_with_the_reason() {
     assert_eq!(v["error"]["kind"], "disabled", "{v}");
 }
 
+/// Reads `rows` of model `r` and asserts each row's values are all `expect`.
+async fn reads_equal(
+    c: &TestCluster,
+    rows: &[u32],
+    expect: &[f32],
+    freshness: Freshness,
+    when: &str,
+) {
+    let got = tessel_node::deltas::get_rows(
+        &c.client,
+        "tessel",
+        "r",
+        ROWS,
+        rows,
+        freshness,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    for ((row, want), v) in rows.iter().zip(expect).zip(&got) {
+        assert_eq!(v, &vec![*want; DIM as usize], "{when}, row {row}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_read_sees_every_acknowledged_write() {
     let mut c = TestCluster::start(1, 2).await;
@@ -421,20 +445,7 @@ async fn a_fresh_read_sees_every_acknowledged_write() {
             // while the reads go on (and wait for it). Even a plain read is not answered from
             // the restored table before the tail is replayed: it sees round 20's state.
             c.kill9("n2").await;
-            let got = tessel_node::deltas::get_rows(
-                &c.client,
-                "tessel",
-                "r",
-                ROWS,
-                &rows,
-                tessel_node::deltas::Freshness::Any,
-                Duration::from_secs(30),
-            )
-            .await
-            .unwrap();
-            for ((row, want), v) in rows.iter().zip(&expect).zip(&got) {
-                assert_eq!(v, &vec![*want; DIM as usize], "after the kill, row {row}");
-            }
+            reads_equal(&c, &rows, &expect, Freshness::Any, "after the kill").await;
         }
         let add = round as f32 * 0.25;
         let values = vec![add; rows.len() * DIM as usize];
@@ -442,20 +453,14 @@ async fn a_fresh_read_sees_every_acknowledged_write() {
         for e in &mut expect {
             *e += add;
         }
-        let got = tessel_node::deltas::get_rows(
-            &c.client,
-            "tessel",
-            "r",
-            ROWS,
+        reads_equal(
+            &c,
             &rows,
-            tessel_node::deltas::Freshness::Fresh,
-            Duration::from_secs(30),
+            &expect,
+            Freshness::Fresh,
+            &format!("round {round}"),
         )
-        .await
-        .unwrap();
-        for ((row, want), v) in rows.iter().zip(&expect).zip(&got) {
-            assert_eq!(v, &vec![*want; DIM as usize], "round {round}, row {row}");
-        }
+        .await;
     }
     // The CLI's --fresh reads the same.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
