@@ -78,7 +78,14 @@ pub struct NodeContext {
     pub view: Arc<watch::Sender<NodeView>>,
     /// Told when slots start (true) or stop (false) here: the virtual-actor runtime listens.
     pub slot_hook: Option<SlotHook>,
+    /// The delete of this node's membership key on a graceful leave, which the exit after it
+    /// waits for (up to [`LEAVE_DELETE_TIMEOUT`]).
+    pub leaving: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
+
+/// Longest an exit waits for the delete of the membership key before it (2 s); past it, the key
+/// goes as a dead node's does, when its heartbeats stop.
+const LEAVE_DELETE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A listener for slots starting (true) and stopping (false) on this node.
 pub type SlotHook = Arc<dyn Fn(SlotSet, bool) + Send + Sync>;
@@ -134,6 +141,7 @@ pub async fn start(
         record,
         view: Arc::new(view_tx),
         slot_hook,
+        leaving: Arc::new(std::sync::Mutex::new(None)),
     };
     let (exit_tx, exit) = watch::channel(None);
     let (supervisor, handle) = Actor::spawn(None, NodeSupervisor, (ctx, Arc::new(exit_tx))).await?;
@@ -391,9 +399,10 @@ fn perform(ctx: &NodeContext, me: &ActorRef<CoordMsg>, sup: &ActorRef<SupMsg>, a
             });
         }
         Action::DeleteMember => {
-            tokio::spawn(async move {
+            let delete = tokio::spawn(async move {
                 store.delete_member(&node).await;
             });
+            *ctx.leaving.lock().unwrap_or_else(|p| p.into_inner()) = Some(delete);
         }
         Action::ReadLease => {
             tokio::spawn(async move { answer(store.read_lease().await) });
@@ -460,7 +469,18 @@ fn perform(ctx: &NodeContext, me: &ActorRef<CoordMsg>, sup: &ActorRef<SupMsg>, a
             }
         }
         Action::Exit => {
-            let _ = sup.cast(SupMsg::Exit(0));
+            // The core asks for the membership delete just before: the process must not end
+            // before the server has it, or the key stays ("Draining") until it ages out.
+            let leaving = ctx.leaving.lock().unwrap_or_else(|p| p.into_inner()).take();
+            let sup = sup.clone();
+            tokio::spawn(async move {
+                if let Some(delete) = leaving
+                    && tokio::time::timeout(LEAVE_DELETE_TIMEOUT, delete).await.is_err()
+                {
+                    warn!("the membership key's delete took too long; exiting without it");
+                }
+                let _ = sup.cast(SupMsg::Exit(0));
+            });
         }
     }
 }
