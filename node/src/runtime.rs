@@ -475,7 +475,9 @@ fn perform(ctx: &NodeContext, me: &ActorRef<CoordMsg>, sup: &ActorRef<SupMsg>, a
             let sup = sup.clone();
             tokio::spawn(async move {
                 if let Some(delete) = leaving
-                    && tokio::time::timeout(LEAVE_DELETE_TIMEOUT, delete).await.is_err()
+                    && tokio::time::timeout(LEAVE_DELETE_TIMEOUT, delete)
+                        .await
+                        .is_err()
                 {
                     warn!("the membership key's delete took too long; exiting without it");
                 }
