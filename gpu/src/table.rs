@@ -206,11 +206,19 @@ impl Table {
                 lost: false,
             });
         }
-        let loaded = Table::create(device, table.rows(), table.dim(), config).and_then(|mut t| {
-            t.load(table.data())?;
-            Ok(t)
-        });
-        loaded.map_err(|e| (e, table))
+        Table::copy_of(device, &table, config).map_err(|e| (e, table))
+    }
+
+    /// A copy of the host table `table` on `device` (see [`Table::create`] and
+    /// [`Table::load`]); the host table stays as it is.
+    pub fn copy_of(
+        device: &Device,
+        table: &cpu::Table,
+        config: TableConfig,
+    ) -> Result<Self, Error> {
+        let mut t = Table::create(device, table.rows(), table.dim(), config)?;
+        t.load(table.data())?;
+        Ok(t)
     }
 
     /// The device the table lives on.

@@ -89,10 +89,10 @@ pub const MAX_TRACE_BYTES: usize = 64;
 /// worker: on a multi-thread runtime it goes through `block_in_place`, which hands the worker's
 /// queue to another thread first. CPU tables (a few microseconds of memory work per window) and
 /// current-thread runtimes run it inline.
-fn off_worker<R>(on_device: bool, f: impl FnOnce() -> R) -> R {
+fn off_worker<R>(device: gpu::DeviceKind, f: impl FnOnce() -> R) -> R {
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if multi_thread && on_device {
+    if multi_thread && device != gpu::DeviceKind::Cpu {
         tokio::task::block_in_place(f)
     } else {
         f()
@@ -532,16 +532,7 @@ impl SlotModel {
             .get_stream_no_info(deltas_stream(&self.cluster))
             .await
             .map_err(|e| e.to_string())?;
-        match stream
-            .direct_get_last_for_subject(delta_subject(&self.cluster, &self.model, self.slot))
-            .await
-        {
-            Ok(m) => Ok(Some(m.sequence)),
-            Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
-                Ok(None)
-            }
-            Err(e) => Err(e.to_string()),
-        }
+        last_delta_seq(&stream, &self.cluster, &self.model, self.slot).await
     }
 
     /// The names among `names` that belong to this slot.
@@ -697,8 +688,7 @@ impl SlotModel {
         chains: &HashMap<u32, u64>,
         kept: &mut std::collections::VecDeque<String>,
     ) -> Result<(), gpu::Error> {
-        let on_device = table.device().kind != gpu::DeviceKind::Cpu;
-        let data = off_worker(on_device, || table.export())?;
+        let data = off_worker(table.device().kind, || table.export())?;
         let name = checkpoint_name(&self.model, self.slot, position);
         let bytes = encode_checkpoint(table.rows(), table.dim(), &data, position, chains);
         drop(data);
@@ -884,8 +874,7 @@ impl SlotModel {
                     .zip(batch_values.chunks(max_batch_rows * d))
                     .collect();
                 let apply_started = Instant::now();
-                let on_device = table.device().kind != gpu::DeviceKind::Cpu;
-                if let Err(e) = off_worker(on_device, || table.apply_many(&batches)) {
+                if let Err(e) = off_worker(table.device().kind, || table.apply_many(&batches)) {
                     // A validated window cannot be refused for its content: the device failed,
                     // and the window's deltas (already counted in `position`) must come again
                     // from the stream.
@@ -1071,15 +1060,19 @@ impl SlotModel {
             // Not known yet: the reader asks again.
             ReadGate::Unknown => u64::MAX,
         };
-        let body = match serde_json::from_slice::<Value>(&req.payload) {
-            // Read your writes: the reader asks for the slot's state at or after a position
-            // (the stream sequence of the last delta it must see); until the slot has taken
-            // it, the answer is `behind`, and the reader asks again.
-            Ok(v) if v["min_position"].as_u64().unwrap_or(0).max(gate_min) > position => json!({
+        let request = serde_json::from_slice::<Value>(&req.payload);
+        // Read your writes: the reader may ask for the slot's state at or after a position
+        // (the stream sequence of the last delta it must see); until the slot has taken it, or
+        // the gate's, the answer is `behind`, and the reader asks again.
+        let needed = request.as_ref().map_or(gate_min, |v| {
+            v["min_position"].as_u64().unwrap_or(0).max(gate_min)
+        });
+        let body = match request {
+            Ok(_) if needed > position => json!({
                 "error": {
                     "kind": "behind",
                     "position": position,
-                    "min_position": v["min_position"].as_u64().unwrap_or(0).max(gate_min),
+                    "min_position": needed,
                     "message": format!("the slot is at position {position}, behind the position asked for or the one it must reach before it answers"),
                 }
             }),
@@ -1136,6 +1129,26 @@ pub enum SlotExit {
     Lost,
 }
 
+/// The stream sequence of the last delta on a slot's subject of `stream` (the deltas stream,
+/// bound without its info: a permission the producer role lacks), if it has any.
+async fn last_delta_seq<I>(
+    stream: &jetstream::stream::Stream<I>,
+    cluster: &str,
+    model: &str,
+    slot: Slot,
+) -> Result<Option<u64>, String> {
+    match stream
+        .direct_get_last_for_subject(delta_subject(cluster, model, slot))
+        .await
+    {
+        Ok(m) => Ok(Some(m.sequence)),
+        Err(e) if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {
+            Ok(None)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// How fresh a read must be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Freshness {
@@ -1159,7 +1172,6 @@ pub async fn get_rows(
 ) -> Result<Vec<Vec<f32>>, String> {
     let stream = match freshness {
         Freshness::Any => None,
-        // No stream info (a permission the producer role lacks): direct gets only.
         Freshness::Fresh => Some(
             jetstream::new(client.clone())
                 .get_stream_no_info(deltas_stream(cluster))
@@ -1179,14 +1191,11 @@ pub async fn get_rows(
         let mut body = json!({"rows": items.iter().map(|(_, r)| r).collect::<Vec<_>>()});
         if let Some(stream) = &stream {
             // The slot's last delta now; none yet: nothing to wait for.
-            match stream
-                .direct_get_last_for_subject(delta_subject(cluster, model, slot))
+            let last = last_delta_seq(stream, cluster, model, slot)
                 .await
-            {
-                Ok(m) => body["min_position"] = json!(m.sequence),
-                Err(e)
-                    if e.kind() == async_nats::jetstream::stream::DirectGetErrorKind::NotFound => {}
-                Err(e) => return Err(format!("slot {}: the last delta: {e}", slot.get())),
+                .map_err(|e| format!("slot {}: the last delta: {e}", slot.get()))?;
+            if let Some(seq) = last {
+                body["min_position"] = json!(seq);
             }
         }
         let (got, _) = read_request(
@@ -1546,14 +1555,7 @@ async fn read_request(
     attempt: Duration,
     timeout: Duration,
 ) -> Result<(Vec<Vec<f32>>, u64), String> {
-    let started = Instant::now();
-    let v = loop {
-        let v = read_reply(client, cluster, model, slot, body, attempt, timeout).await?;
-        if v["error"]["kind"] != "behind" || started.elapsed() >= timeout {
-            break v;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let v = read_reply(client, cluster, model, slot, body, attempt, timeout).await?;
     let got = v["ok"]["rows"]
         .as_array()
         .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
@@ -1572,7 +1574,8 @@ async fn read_request(
     Ok((rows, v["ok"]["position"].as_u64().unwrap_or(0)))
 }
 
-/// The reply to a read, as JSON.
+/// The reply to a read, as JSON, asked again until `timeout` while no owner answers (the slot
+/// is moving) or the owner answers `behind` (it is catching up); after that, the last answer.
 async fn read_reply(
     client: &async_nats::Client,
     cluster: &str,
@@ -1587,17 +1590,29 @@ async fn read_reply(
         let req = async_nats::Request::new()
             .payload(Bytes::from(body.to_string()))
             .timeout(Some(attempt));
-        match client
+        let (last, pause) = match client
             .send_request(read_subject(cluster, model, slot), req)
             .await
         {
-            Ok(m) => return serde_json::from_slice(&m.payload).map_err(|e| e.to_string()),
-            Err(e) if started.elapsed() < timeout => {
-                debug!(error = %e, "read retry");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(m) => {
+                let v: Value = serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?;
+                if v["error"]["kind"] != "behind" {
+                    return Ok(v);
+                }
+                (Ok(v), Duration::from_millis(20))
             }
-            Err(e) => return Err(format!("slot {}: {e}", slot.get())),
+            Err(e) => {
+                debug!(error = %e, "read retry");
+                (
+                    Err(format!("slot {}: {e}", slot.get())),
+                    Duration::from_millis(50),
+                )
+            }
+        };
+        if started.elapsed() >= timeout {
+            return last;
         }
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -275,11 +275,7 @@ pub fn load_tables(
     // part-way (a lost device) can still fall back to them.
     let built: Result<Vec<gpu::Table>, gpu::Error> = restored
         .iter()
-        .map(|cpu| {
-            let mut t = gpu::Table::create(lease.device(), cpu.rows(), cpu.dim(), config)?;
-            t.load(cpu.data())?;
-            Ok(t)
-        })
+        .map(|cpu| gpu::Table::copy_of(lease.device(), cpu, config))
         .collect();
     match built {
         Ok(tables) => Ok((lease, tables)),
