@@ -134,19 +134,60 @@ impl LocalCluster {
         )
     }
 
-    /// Waits until the cluster is settled with exactly these nodes owning slots.
+    /// Waits until the cluster is settled with exactly these nodes owning slots, and each of
+    /// them has adopted that map (its own view holds the map's epoch and its slot count). The
+    /// buckets alone say what the leader decided; a node that has not read the new map yet
+    /// still serves the slots it is losing, and a test that kills "the owner" by the bucket
+    /// would kill the wrong process.
     pub async fn wait_settled_on(
         &self,
         ids: &[&str],
         limit: Duration,
         poll: Duration,
     ) -> anyhow::Result<(ClusterStatus, Duration)> {
+        let started = Instant::now();
         let want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
-        self.wait_until(&format!("settled on {want:?}"), limit, poll, |s| {
-            let owners: Vec<String> = s.counts().keys().cloned().collect();
-            s.settled() && owners == want
-        })
-        .await
+        loop {
+            let left = limit.saturating_sub(started.elapsed());
+            let (s, _) = self
+                .wait_until(&format!("settled on {want:?}"), left, poll, |s| {
+                    let owners: Vec<String> = s.counts().keys().cloned().collect();
+                    s.settled() && owners == want
+                })
+                .await?;
+            let counts = s.counts();
+            let mut lagging = Vec::new();
+            for id in &want {
+                let view = self.node_view(id).await;
+                let adopted = view.as_ref().is_some_and(|v| {
+                    v["map_epoch"].as_u64() == Some(s.map_epoch)
+                        && v["slots"].as_u64() == counts.get(id).map(|&c| c as u64)
+                });
+                if !adopted {
+                    lagging.push(format!("{id}: {view:?}"));
+                }
+            }
+            if lagging.is_empty() {
+                return Ok((s, started.elapsed()));
+            }
+            if started.elapsed() >= limit {
+                anyhow::bail!(
+                    "timed out after {limit:?}: the map (epoch {}) is settled on {want:?} but \
+                     not every node has adopted it: {}",
+                    s.map_epoch,
+                    lagging.join("; ")
+                );
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// A node's own view (`view` of its `/status`), if it answers within 2 s.
+    pub async fn node_view(&self, id: &str) -> Option<serde_json::Value> {
+        let addr = self.http.get(id)?;
+        let body = http_get(addr, "/status", Duration::from_secs(2)).await?;
+        let mut v: serde_json::Value = serde_json::from_str(&body).ok()?;
+        Some(v.get_mut("view")?.take())
     }
 
     /// Sends a signal to a node; false if it is not running.
@@ -178,6 +219,21 @@ impl LocalCluster {
         futures::future::join_all(stops).await;
         let _ = self.nats.stop().await;
     }
+}
+
+/// `GET path` over a fresh HTTP/1.1 connection; the body of a 200 answer within `limit`.
+pub async fn http_get(addr: &str, path: &str, limit: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.ok()?;
+        let (head, body) = raw.split_once("\r\n\r\n")?;
+        (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
+    };
+    tokio::time::timeout(limit, exchange).await.ok().flatten()
 }
 
 /// The leader's id and term of a status (None without a leader).

@@ -142,7 +142,15 @@ async fn three_servers_survive_a_kill_and_a_restart() {
         "restart keeps the port"
     );
     put_with_retry(&store, "k", "v3", SETTLED).await;
-    assert_eq!(store.get("k").await.unwrap().as_deref(), Some(&b"v3"[..]));
+    // A KV get is a direct get, which any replica may answer, the restarted one included while
+    // it catches up: the value must converge to v3, not be v3 on the first read.
+    let deadline = Instant::now() + SETTLED;
+    let mut read = store.get("k").await.unwrap();
+    while read.as_deref() != Some(&b"v3"[..]) && Instant::now() < deadline {
+        sleep(Duration::from_millis(100)).await;
+        read = store.get("k").await.unwrap();
+    }
+    assert_eq!(read.as_deref(), Some(&b"v3"[..]));
 
     // The restarted server serves clients on its old port.
     let direct = async_nats::connect(cluster.server(0).unwrap().url())
