@@ -1136,6 +1136,48 @@ fn compose_services_form_a_cluster_and_apply_the_demo_deltas() {
         violated,
         "no server reported the producer's refused request"
     );
+
+    // Routes authenticate too: a server that reaches the route port without the route password
+    // is refused and never joins.
+    let route = d.rewrite("producer", &format!("nats-route://{}:6222", nats[0]), &[]);
+    let argv: Vec<String> = [
+        "nats-server",
+        "-a",
+        "127.0.0.1",
+        "-p",
+        "-1",
+        "--cluster_name",
+        "tessel-nats",
+        "--cluster",
+        "nats://127.0.0.1:-1",
+        "--routes",
+        &route,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let rogue_log = d.dir.path().join("rogue-route.log");
+    let mut rogue = d
+        .command("producer", &argv, &[])
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&rogue_log).unwrap())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let refused = loop {
+        let log = fs::read_to_string(&rogue_log).unwrap_or_default();
+        if log.contains("Route Error 'Authorization Violation'")
+            || started.elapsed() > Duration::from_secs(20)
+        {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = rogue.kill();
+    let _ = rogue.wait();
+    assert!(
+        refused.contains("Route Error 'Authorization Violation'"),
+        "a route without the password was not refused:\n{refused}"
+    );
     println!("compose: passed (network namespaces: {netns_ran})");
 }
 
