@@ -82,7 +82,8 @@ async fn killing_a_follower_moves_exactly_its_slots(servers: usize) {
         .into_iter()
         .filter(|n| *n != victim)
         .collect();
-    let (after, _) = c.wait_settled_on(&rest, SETTLE).await;
+    let (after, took) = c.wait_settled_on(&rest, SETTLE).await;
+    eprintln!("failover after SIGKILL of a follower ({servers} servers): {took:?}");
     assert_eq!(
         TestCluster::leader(&after),
         (leader, term),
