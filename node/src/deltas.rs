@@ -120,40 +120,33 @@ pub async fn ensure(
     cluster: &str,
     replicas: usize,
 ) -> anyhow::Result<object_store::ObjectStore> {
-    let name = deltas_stream(cluster);
-    if js.get_stream(&name).await.is_err() {
-        let cfg = stream::Config {
-            name: name.clone(),
-            subjects: vec![format!("{cluster}.delta.>")],
-            storage: stream::StorageType::File,
-            num_replicas: replicas,
-            max_message_size: i32::try_from(frame::MAX_FRAME_BYTES).unwrap_or(i32::MAX),
-            allow_direct: true,
-            ..Default::default()
-        };
-        if let Err(e) = js.create_stream(cfg).await {
-            js.get_stream(&name)
-                .await
-                .map_err(|_| anyhow::anyhow!("deltas stream: {e}"))?;
-        }
-    }
+    // Create first, bind on refusal (see `store::create_or_bind` for why not the other way).
+    let cfg = stream::Config {
+        name: deltas_stream(cluster),
+        subjects: vec![format!("{cluster}.delta.>")],
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_message_size: i32::try_from(frame::MAX_FRAME_BYTES).unwrap_or(i32::MAX),
+        allow_direct: true,
+        ..Default::default()
+    };
+    crate::store::create_or_bind(js, cfg)
+        .await
+        .map_err(|e| anyhow::anyhow!("deltas stream: {e}"))?;
     let bucket = checkpoints_bucket(cluster);
-    match js.get_object_store(&bucket).await {
+    match js
+        .create_object_store(object_store::Config {
+            bucket: bucket.clone(),
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+    {
         Ok(s) => Ok(s),
-        Err(_) => match js
-            .create_object_store(object_store::Config {
-                bucket: bucket.clone(),
-                num_replicas: replicas,
-                ..Default::default()
-            })
+        Err(e) => js
+            .get_object_store(&bucket)
             .await
-        {
-            Ok(s) => Ok(s),
-            Err(e) => js
-                .get_object_store(&bucket)
-                .await
-                .map_err(|_| anyhow::anyhow!("checkpoints bucket: {e}")),
-        },
+            .map_err(|_| anyhow::anyhow!("checkpoints bucket: {e}")),
     }
 }
 

@@ -251,14 +251,8 @@ async fn ensure_stream(
     let mut attempt = 0;
     let mut stream = loop {
         attempt += 1;
-        let result = match js.get_stream(&name).await {
-            Ok(s) => Ok(s),
-            Err(_) => match js.create_stream(config.clone()).await {
-                Ok(s) => Ok(s),
-                // Another process may have created it in between.
-                Err(e) => js.get_stream(&name).await.map_err(|_| e),
-            },
-        };
+        // Create first, bind on refusal (see `store::create_or_bind`).
+        let result = crate::store::create_or_bind(js, config.clone()).await;
         match result {
             Ok(s) => break s,
             Err(e)
@@ -275,10 +269,7 @@ async fn ensure_stream(
             Err(e) => return Err(classify(&format!("create stream {name}"), &e)),
         }
     };
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| classify(&format!("stream info {name}"), &e))?;
+    let info = stream.cached_info().clone();
     if !info.config.allow_atomic_publish || !info.config.allow_direct {
         let config = stream::Config {
             allow_atomic_publish: true,
@@ -305,13 +296,10 @@ async fn ensure_bucket(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = match js.get_key_value(&bucket).await {
+        // Create first (idempotent for the same configuration), bind on refusal.
+        let result = match js.create_key_value(config.clone()).await {
             Ok(s) => Ok(s),
-            Err(_) => match js.create_key_value(config.clone()).await {
-                Ok(s) => Ok(s),
-                // Another process may have created it in between.
-                Err(e) => js.get_key_value(&bucket).await.map_err(|_| e),
-            },
+            Err(e) => js.get_key_value(&bucket).await.map_err(|_| e),
         };
         match result {
             Ok(s) => return Ok(s),

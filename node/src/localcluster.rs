@@ -11,6 +11,9 @@ use crate::natsd::{NatsCluster, NatsOptions, find_nats_server};
 use crate::procs::{NodeProc, NodeSpec};
 use crate::status::{self, ClusterStatus};
 
+/// How long one status poll's JetStream request may take.
+const STATUS_POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Servers, nodes, and a client to watch them.
 pub struct LocalCluster {
     /// The NATS servers.
@@ -21,6 +24,10 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     /// A JetStream context for observing.
     pub js: async_nats::jetstream::Context,
+    /// A JetStream context with a short timeout for status polls: a poll whose request goes
+    /// unanswered (a stream still electing its leader) gives way to the next poll instead of
+    /// holding the wait for the 5 s of `js`.
+    status_js: async_nats::jetstream::Context,
     /// A plain client for observing.
     pub client: async_nats::Client,
     /// The cluster name.
@@ -59,11 +66,15 @@ impl LocalCluster {
             "TESSEL_REPLICAS".into(),
             if servers >= 3 { "3" } else { "1" }.into(),
         ));
+        let status_js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(STATUS_POLL_TIMEOUT)
+            .build(client.clone());
         let mut c = LocalCluster {
             nats,
             nodes: BTreeMap::new(),
             dir: dir.to_path_buf(),
             js,
+            status_js,
             client,
             cluster: "tessel".into(),
             env,
@@ -97,7 +108,7 @@ impl LocalCluster {
 
     /// The status, if it can be read.
     pub async fn status(&self) -> Option<ClusterStatus> {
-        status::read(&self.js, &self.cluster).await.ok()
+        status::read(&self.status_js, &self.cluster).await.ok()
     }
 
     /// Polls every `poll` until `pred` holds; the error carries the last status and the tails

@@ -35,6 +35,10 @@ pub const MARKER_TTL: Duration = Duration::from_secs(60);
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts at setting up the buckets before the node gives up.
 pub const SETUP_ATTEMPTS: u32 = 6;
+/// Timeout of one JetStream readiness probe (`$JS.API.INFO`) before setup.
+pub const READY_PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long setup waits for JetStream to answer before trying anyway.
+pub const READY_LIMIT: Duration = Duration::from_secs(30);
 /// Largest membership record.
 pub const MAX_MEMBER_RECORD_BYTES: usize = 16 * 1024;
 /// Most membership keys read in one listing.
@@ -78,6 +82,63 @@ fn js_err(what: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> Sto
     }
 }
 
+/// Waits until JetStream answers an account-info request, each probe with a short timeout.
+///
+/// A clustered server answers no JetStream API request until its servers have elected a meta
+/// leader (about half a second after a cold start): a request sent before that is dropped, or
+/// answered 503 ("JetStream system temporarily unavailable") once the server knows. A setup
+/// request sent then would sit out its whole timeout ([`SETUP_TIMEOUT`]) for nothing.
+/// Returns how long it waited; gives up after `limit` (the setup then reports what is wrong),
+/// and at once on any answer, an error included (JetStream disabled, no permission).
+pub async fn wait_for_jetstream(client: &async_nats::Client, limit: Duration) -> Duration {
+    use jetstream::context::AccountErrorKind;
+    let probe = jetstream::ContextBuilder::new()
+        .timeout(READY_PROBE_TIMEOUT)
+        .build(client.clone());
+    let started = std::time::Instant::now();
+    let mut unanswered = 0u32;
+    while started.elapsed() < limit {
+        match probe.query_account().await {
+            Err(e) if matches!(e.kind(), AccountErrorKind::TimedOut) => {
+                unanswered += 1;
+                if unanswered == 1 {
+                    warn!("JetStream does not answer yet (no meta leader?); waiting");
+                }
+            }
+            // A server that knows it has no meta leader says so at once.
+            Err(e) if matches!(e.kind(), AccountErrorKind::JetStream(ref j) if j.code() == 503) => {
+                unanswered += 1;
+                if unanswered == 1 {
+                    warn!(error = %e, "JetStream is not available yet; waiting");
+                }
+                tokio::time::sleep(READY_PROBE_TIMEOUT / 5).await;
+            }
+            // An answer, or no responders (JetStream is off): the setup says what is wrong.
+            _ => break,
+        }
+    }
+    started.elapsed()
+}
+
+/// Creates a stream, or binds the existing one of that name.
+///
+/// The create goes first: the meta leader answers it, and it is idempotent for an identical
+/// configuration (every node asks for the same). A stream-info request about a stream another
+/// node is creating at that moment goes unanswered until the stream has a leader, which cost a
+/// node joining a forming cluster the whole setup timeout. Only when the create is refused (a
+/// stream of that name with another configuration, e.g. an older version's) is the stream bound
+/// as it is. The returned stream's `cached_info` is the server's view at that moment.
+pub async fn create_or_bind(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> Result<stream::Stream, jetstream::context::CreateStreamError> {
+    let name = config.name.clone();
+    match js.create_stream(config).await {
+        Ok(s) => Ok(s),
+        Err(e) => js.get_stream(&name).await.map_err(|_| e),
+    }
+}
+
 /// Creates a KV bucket with per-key TTLs and limit markers, or binds an existing one, and makes
 /// sure its stream allows atomic batches when `atomic` is set. Never calls
 /// `update_key_value` (it would reset the stream's atomic flag).
@@ -108,22 +169,11 @@ pub async fn ensure_bucket(
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
     };
-    let mut existing = match js.get_stream(&name).await {
-        Ok(s) => s,
-        Err(_) => match js.create_stream(config.clone()).await {
-            Ok(s) => s,
-            // Another node created it in between.
-            Err(_) => js
-                .get_stream(&name)
-                .await
-                .map_err(|e| js_err(format!("stream {name}"))(&e))?,
-        },
-    };
+    let existing = create_or_bind(js, config)
+        .await
+        .map_err(|e| js_err(format!("stream {name}"))(&e))?;
     if atomic {
-        let info = existing
-            .info()
-            .await
-            .map_err(|e| js_err(format!("stream info {name}"))(&e))?;
+        let info = existing.cached_info();
         if !info.config.allow_atomic_publish {
             let config = stream::Config {
                 allow_atomic_publish: true,
@@ -134,11 +184,40 @@ pub async fn ensure_bucket(
                 .map_err(|e| js_err(format!("enable atomic batches on {name}"))(&e))?;
         }
     }
-    let store = js
-        .get_key_value(bucket)
-        .await
-        .map_err(|e| js_err(format!("bind bucket {bucket}"))(&e))?;
-    Ok(store)
+    // The handle is made from the stream in hand: another stream-info request now could be the
+    // one that goes unanswered (see `create_or_bind`).
+    Ok(kv::Store {
+        name: bucket.to_string(),
+        stream_name: name,
+        prefix: format!("$KV.{bucket}."),
+        put_prefix: None,
+        use_jetstream_prefix: false,
+        stream: existing,
+    })
+}
+
+/// Binds a bucket to `js` (its timeout then applies to the handle's requests), retrying an
+/// unanswered bind for up to `budget`: right after the bucket's stream was created it may not
+/// have a leader yet, and until it has, its info requests go unanswered.
+pub async fn bind_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+    budget: Duration,
+) -> Option<kv::Store> {
+    let started = std::time::Instant::now();
+    loop {
+        match js.get_key_value(bucket).await {
+            Ok(s) => return Some(s),
+            Err(e) if started.elapsed() < budget => {
+                tracing::debug!(bucket, error = %e, "binding the bucket; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                warn!(bucket, error = %e, "cannot bind the bucket to the request timeout");
+                return None;
+            }
+        }
+    }
 }
 
 /// Reads every entry of a KV bucket without creating a consumer: the stream's subject list
@@ -235,6 +314,13 @@ impl Store {
         let setup = jetstream::ContextBuilder::new()
             .timeout(SETUP_TIMEOUT)
             .build(client.clone());
+        let waited = wait_for_jetstream(&client, READY_LIMIT).await;
+        if waited > READY_PROBE_TIMEOUT {
+            tracing::info!(
+                ms = waited.as_millis() as u64,
+                "JetStream answers; setting up the buckets"
+            );
+        }
         let control_name = control_bucket(cluster);
         let nodes_name = nodes_bucket(cluster);
         let mut attempt = 0;
@@ -263,8 +349,12 @@ impl Store {
             }
         };
         // Bind the buckets to the short-timeout context used by the lease's requests.
-        let control = js.get_key_value(&control_name).await.unwrap_or(control);
-        let nodes = js.get_key_value(&nodes_name).await.unwrap_or(nodes);
+        let control = bind_bucket(&js, &control_name, SETUP_TIMEOUT)
+            .await
+            .unwrap_or(control);
+        let nodes = bind_bucket(&js, &nodes_name, SETUP_TIMEOUT)
+            .await
+            .unwrap_or(nodes);
         let batch_nonce = wall_ms() ^ u64::from(std::process::id()).rotate_left(40);
         Ok(Store {
             client,

@@ -207,3 +207,55 @@ async fn dropping_the_cluster_kills_the_servers() {
         sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A three-server cluster without a meta leader (two servers down, or a cold start) drops
+/// JetStream requests instead of refusing them, so a setup request would wait out its whole
+/// timeout. `wait_for_jetstream` (what a node's store does first) waits while nothing answers
+/// and returns once JetStream answers, after which a create succeeds within a short timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_waits_until_jetstream_has_a_meta_leader() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cluster = NatsCluster::start(options(dir.path(), 3)).await.unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .connect(cluster.server(0).unwrap().url())
+        .await
+        .unwrap();
+    let limit = Duration::from_secs(30);
+    assert!(tessel_node::store::wait_for_jetstream(&client, limit).await < limit);
+    // One server of three: no quorum, so no meta leader and, once the survivor has noticed
+    // (a meta leader answers from its own state until it steps down), no answer.
+    cluster.kill(1).await.unwrap();
+    cluster.kill(2).await.unwrap();
+    let probe = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_millis(500))
+        .build(client.clone());
+    // A lone meta leader notices its lost quorum after up to about 20 s (nats-server's check).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while probe.query_account().await.is_ok() {
+        assert!(Instant::now() < deadline, "a lone server kept answering");
+        sleep(Duration::from_millis(100)).await;
+    }
+    let short = Duration::from_secs(2);
+    let waited = tessel_node::store::wait_for_jetstream(&client, short).await;
+    assert!(
+        waited >= short,
+        "answered without a quorum after {waited:?}"
+    );
+    // Back to three: it returns once a meta leader answers, well before the limit.
+    cluster.restart(1).await.unwrap();
+    cluster.restart(2).await.unwrap();
+    let waited = tessel_node::store::wait_for_jetstream(&client, limit).await;
+    assert!(waited < limit, "JetStream never answered");
+    let js = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(client);
+    js.create_stream(jetstream::stream::Config {
+        name: "after".into(),
+        subjects: vec!["after.>".into()],
+        num_replicas: 3,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    cluster.stop().await.unwrap();
+}
