@@ -89,7 +89,7 @@ fn js_err(what: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> Sto
 /// answered 503 ("JetStream system temporarily unavailable") once the server knows. A setup
 /// request sent then would sit out its whole timeout ([`SETUP_TIMEOUT`]) for nothing.
 /// Returns how long it waited; gives up after `limit` (the setup then reports what is wrong),
-/// and at once on any answer, an error included (JetStream disabled, no permission).
+/// and at once on any other answer, an error included (JetStream disabled, no permission).
 pub async fn wait_for_jetstream(client: &async_nats::Client, limit: Duration) -> Duration {
     use jetstream::context::AccountErrorKind;
     let probe = jetstream::ContextBuilder::new()
@@ -199,11 +199,7 @@ pub async fn ensure_bucket(
 /// Binds a bucket to `js` (its timeout then applies to the handle's requests), retrying an
 /// unanswered bind for up to `budget`: right after the bucket's stream was created it may not
 /// have a leader yet, and until it has, its info requests go unanswered.
-pub async fn bind_bucket(
-    js: &jetstream::Context,
-    bucket: &str,
-    budget: Duration,
-) -> Option<kv::Store> {
+async fn bind_bucket(js: &jetstream::Context, bucket: &str, budget: Duration) -> Option<kv::Store> {
     let started = std::time::Instant::now();
     loop {
         match js.get_key_value(bucket).await {
@@ -315,7 +311,12 @@ impl Store {
             .timeout(SETUP_TIMEOUT)
             .build(client.clone());
         let waited = wait_for_jetstream(&client, READY_LIMIT).await;
-        if waited > READY_PROBE_TIMEOUT {
+        if waited >= READY_LIMIT {
+            warn!(
+                ms = waited.as_millis() as u64,
+                "JetStream still does not answer; setting up the buckets anyway"
+            );
+        } else if waited > READY_PROBE_TIMEOUT {
             tracing::info!(
                 ms = waited.as_millis() as u64,
                 "JetStream answers; setting up the buckets"
