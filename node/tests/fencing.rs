@@ -104,3 +104,70 @@ async fn a_deposed_leaders_map_write_is_refused_by_the_server() {
         .await;
     assert!(matches!(ok, MapOutcome::Written { .. }), "{ok:?}");
 }
+
+/// A control bucket made by an older version, without atomic batches: the node's create is
+/// refused (other settings), so it binds the stream as it is, turns batches on, and its fenced
+/// map write works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_control_bucket_is_bound_and_given_atomic_batches() {
+    use async_nats::jetstream::stream;
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(NatsOptions::new(
+        dir.path(),
+        find_nats_server(true).unwrap(),
+    ))
+    .await
+    .unwrap();
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    let old = stream::Config {
+        name: "KV_old-control".into(),
+        subjects: vec!["$KV.old-control.>".into()],
+        max_messages_per_subject: 1,
+        discard: stream::DiscardPolicy::New,
+        max_message_size: 256 * 1024,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        allow_message_ttl: true,
+        subject_delete_marker_ttl: Some(Duration::from_secs(60)),
+        allow_atomic_publish: false,
+        description: Some("made by an older version".into()),
+        ..Default::default()
+    };
+    js.create_stream(old).await.unwrap();
+    let store = Store::open(
+        client,
+        "old",
+        1,
+        Duration::from_secs(2),
+        1_000,
+        1_000,
+        256 * 1024,
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap();
+    let info = js
+        .get_stream("KV_old-control")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert!(info.config.allow_atomic_publish, "{:?}", info.config);
+    assert_eq!(
+        info.config.description.as_deref(),
+        Some("made by an older version"),
+        "bound as it was, not replaced"
+    );
+    let a = NodeId::new("a").unwrap();
+    let KvOutcome::Written { revision: t1 } = store.acquire(&a, Revision(0)).await else {
+        panic!("acquire")
+    };
+    let written = store
+        .write_map(&a, &map(1, t1.0, &a), Revision(0), t1, true)
+        .await;
+    assert!(matches!(written, MapOutcome::Written { .. }), "{written:?}");
+}
