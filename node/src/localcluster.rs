@@ -100,6 +100,7 @@ impl LocalCluster {
             env: self.env.clone(),
             args: [vec!["--http".into(), addr.clone()], self.node_args.clone()].concat(),
             log: self.dir.join(format!("{id}.log")),
+            own_process_group: false,
         };
         self.nodes.insert(id.into(), NodeProc::spawn(spec)?);
         self.http.insert(id.into(), addr);

@@ -301,6 +301,8 @@ pub struct NatsOptions {
     /// An optional `(user, password)` every client must present. Routes between the servers
     /// need none. A password beginning with `$2a$` would be taken as a bcrypt hash.
     pub auth: Option<(String, String)>,
+    /// Start each server in a process group of its own (see [`NatsOptions::with_own_process_groups`]).
+    pub own_process_groups: bool,
 }
 
 impl NatsOptions {
@@ -312,7 +314,17 @@ impl NatsOptions {
             binary: binary.into(),
             cluster_name: DEFAULT_CLUSTER_NAME.to_owned(),
             auth: None,
+            own_process_groups: false,
         }
+    }
+
+    /// Starts each server in a process group of its own, so that a terminal's Ctrl-C (sent to
+    /// the whole foreground group) reaches only the parent, which stops the servers after its
+    /// nodes have drained.
+    #[must_use]
+    pub fn with_own_process_groups(mut self) -> Self {
+        self.own_process_groups = true;
+        self
     }
 
     /// Sets how many servers to run.
@@ -355,6 +367,7 @@ pub struct NatsServer {
     /// The file the server's stdout and stderr are appended to.
     pub log_path: PathBuf,
     binary: PathBuf,
+    own_process_group: bool,
     child: Option<Child>,
 }
 
@@ -394,7 +407,11 @@ impl NatsServer {
         let log_err = log
             .try_clone()
             .map_err(io_err(format!("cannot open {}", self.log_path.display())))?;
-        let child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if self.own_process_group {
+            command.process_group(0);
+        }
+        let child = command
             .arg("-c")
             .arg(&self.config_path)
             .stdin(Stdio::null())
@@ -744,6 +761,7 @@ impl NatsCluster {
                 store_dir: home.join("js"),
                 log_path: home.join("nats.log"),
                 binary: opts.binary.clone(),
+                own_process_group: opts.own_process_groups,
                 child: None,
                 name,
             });
@@ -963,6 +981,7 @@ mod tests {
             store_dir: PathBuf::from("/tmp/x/nats-0/js"),
             log_path: PathBuf::from("/tmp/x/nats-0/nats.log"),
             binary: PathBuf::from("/bin/true"),
+            own_process_group: false,
             child: None,
         };
         let conf = render_config(&server, &opts, &[4, 5]).unwrap();

@@ -26,6 +26,9 @@ pub struct NodeSpec {
     pub args: Vec<String>,
     /// Where its log goes.
     pub log: PathBuf,
+    /// Start it in a process group of its own, so that a terminal's Ctrl-C (sent to the whole
+    /// foreground group) reaches only the parent, which then drains it; `tessel up` sets this.
+    pub own_process_group: bool,
 }
 
 /// A running node process.
@@ -46,7 +49,11 @@ impl NodeProc {
             .create(true)
             .append(true)
             .open(&spec.log)?;
-        let child = Command::new(&spec.bin)
+        let mut command = Command::new(&spec.bin);
+        if spec.own_process_group {
+            command.process_group(0);
+        }
+        let child = command
             .arg("node")
             .args([
                 "--nats",

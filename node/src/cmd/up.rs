@@ -84,8 +84,12 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         args.nodes,
         run_dir.display()
     );
+    // The servers and nodes run in process groups of their own: a terminal's Ctrl-C reaches
+    // only this process, which drains the nodes while the servers are still up, then stops them.
     let mut nats = NatsCluster::start(
-        NatsOptions::new(run_dir.join("nats"), binary).with_servers(usize::from(args.servers)),
+        NatsOptions::new(run_dir.join("nats"), binary)
+            .with_servers(usize::from(args.servers))
+            .with_own_process_groups(),
     )
     .await?;
     let url = nats.url();
@@ -107,6 +111,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             env: vec![("TESSEL_REPLICAS".into(), replicas.into())],
             args: vec!["--http".into(), http],
             log: run_dir.join(format!("{id}.log")),
+            own_process_group: true,
         };
         nodes.push(NodeProc::spawn(spec)?);
     }
@@ -131,11 +136,18 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         Arc::new(Metrics::default()),
     )
     .await?;
-    let js = async_nats::jetstream::new(client.clone());
+    // Status polls with a short timeout: a request about a stream the nodes are still creating
+    // goes unanswered, and the next poll should not wait behind it.
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(1))
+        .build(client.clone());
     let mut demo: Option<crate::demo::Demo> = None;
     let mut demo_failed = false;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // A closed terminal: its hangup no longer reaches the children (own groups), so this
+    // process stops them as for Ctrl-C.
+    let mut hup = signal(SignalKind::hangup())?;
     let started = Instant::now();
     let until = (args.duration_s > 0).then(|| started + Duration::from_secs(args.duration_s));
     let mut every = tokio::time::interval(Duration::from_secs(args.status_every_s));
@@ -144,6 +156,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
+            _ = hup.recv() => break,
             _ = every.tick() => {
                 match crate::status::read(&js, &args.cluster).await {
                     Ok(s) => {
