@@ -21,8 +21,8 @@ fn map(epoch: u64, term: u64, owner: &NodeId) -> ShardMap {
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_deposed_leaders_map_write_is_refused_by_the_server() {
+/// One nats-server (kept alive by the returned directory and cluster) and a client of it.
+async fn server() -> (tempfile::TempDir, NatsCluster, async_nats::Client) {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(NatsOptions::new(
         dir.path(),
@@ -31,9 +31,14 @@ async fn a_deposed_leaders_map_write_is_refused_by_the_server() {
     .await
     .unwrap();
     let client = async_nats::connect(nats.url()).await.unwrap();
-    let store = Store::open(
+    (dir, nats, client)
+}
+
+/// The coordination store of cluster `name`, with a 2 s request timeout and 1 s TTLs.
+async fn open(client: async_nats::Client, name: &str) -> Store {
+    Store::open(
         client,
-        "fence",
+        name,
         1,
         Duration::from_secs(2),
         1_000,
@@ -42,7 +47,13 @@ async fn a_deposed_leaders_map_write_is_refused_by_the_server() {
         Arc::new(Metrics::default()),
     )
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leaders_map_write_is_refused_by_the_server() {
+    let (_dir, _nats, client) = server().await;
+    let store = open(client, "fence").await;
     let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
 
     // A acquires (term = the creating revision) and writes a map fenced by its lease.
@@ -111,14 +122,7 @@ async fn a_deposed_leaders_map_write_is_refused_by_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_control_bucket_is_bound_and_given_atomic_batches() {
     use async_nats::jetstream::stream;
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(NatsOptions::new(
-        dir.path(),
-        find_nats_server(true).unwrap(),
-    ))
-    .await
-    .unwrap();
-    let client = async_nats::connect(nats.url()).await.unwrap();
+    let (_dir, _nats, client) = server().await;
     let js = async_nats::jetstream::new(client.clone());
     let old = stream::Config {
         name: "KV_old-control".into(),
@@ -136,18 +140,7 @@ async fn an_older_control_bucket_is_bound_and_given_atomic_batches() {
         ..Default::default()
     };
     js.create_stream(old).await.unwrap();
-    let store = Store::open(
-        client,
-        "old",
-        1,
-        Duration::from_secs(2),
-        1_000,
-        1_000,
-        256 * 1024,
-        Arc::new(Metrics::default()),
-    )
-    .await
-    .unwrap();
+    let store = open(client, "old").await;
     let info = js
         .get_stream("KV_old-control")
         .await
