@@ -197,9 +197,7 @@ async fn cluster_trials(c: &mut LocalCluster, trials: usize) -> anyhow::Result<V
         // until every node has adopted it.
         let want = ["n1", "n2", "n3", "n4"];
         let (after, took) = c
-            .wait_until("the map with n4", LIMIT, POLL, |s| {
-                s.settled() && s.counts().keys().map(String::as_str).eq(want)
-            })
+            .wait_until("the map with n4", LIMIT, POLL, |s| s.settled_on(&want))
             .await?;
         c.wait_settled_on(&want, LIMIT, POLL).await?;
         join.push(ms(took));

@@ -11,9 +11,6 @@ use crate::natsd::{NatsCluster, NatsOptions, find_nats_server};
 use crate::procs::{NodeProc, NodeSpec};
 use crate::status::{self, ClusterStatus};
 
-/// How long one status poll's JetStream request may take.
-const STATUS_POLL_TIMEOUT: Duration = Duration::from_secs(1);
-
 /// Servers, nodes, and a client to watch them.
 pub struct LocalCluster {
     /// The NATS servers.
@@ -24,9 +21,7 @@ pub struct LocalCluster {
     pub dir: PathBuf,
     /// A JetStream context for observing.
     pub js: async_nats::jetstream::Context,
-    /// A JetStream context with a short timeout for status polls: a poll whose request goes
-    /// unanswered (a stream still electing its leader) gives way to the next poll instead of
-    /// holding the wait for the 5 s of `js`.
+    /// The context of status polls ([`status::POLL_REQUEST_TIMEOUT`]).
     status_js: async_nats::jetstream::Context,
     /// A plain client for observing.
     pub client: async_nats::Client,
@@ -67,7 +62,7 @@ impl LocalCluster {
             if servers >= 3 { "3" } else { "1" }.into(),
         ));
         let status_js = async_nats::jetstream::ContextBuilder::new()
-            .timeout(STATUS_POLL_TIMEOUT)
+            .timeout(status::POLL_REQUEST_TIMEOUT)
             .build(client.clone());
         let mut c = LocalCluster {
             nats,
@@ -158,18 +153,16 @@ impl LocalCluster {
         poll: Duration,
     ) -> anyhow::Result<(ClusterStatus, Duration)> {
         let started = Instant::now();
-        let want: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
         loop {
             let left = limit.saturating_sub(started.elapsed());
             let (s, _) = self
-                .wait_until(&format!("settled on {want:?}"), left, poll, |s| {
-                    let owners: Vec<String> = s.counts().keys().cloned().collect();
-                    s.settled() && owners == want
+                .wait_until(&format!("settled on {ids:?}"), left, poll, |s| {
+                    s.settled_on(ids)
                 })
                 .await?;
             let counts = s.counts();
             let mut lagging = Vec::new();
-            for id in &want {
+            for &id in ids {
                 let view = self.node_view(id).await;
                 let adopted = view.as_ref().is_some_and(|v| {
                     v["map_epoch"].as_u64() == Some(s.map_epoch)
@@ -184,7 +177,7 @@ impl LocalCluster {
             }
             if started.elapsed() >= limit {
                 anyhow::bail!(
-                    "timed out after {limit:?}: the map (epoch {}) is settled on {want:?} but \
+                    "timed out after {limit:?}: the map (epoch {}) is settled on {ids:?} but \
                      not every node has adopted it: {}",
                     s.map_epoch,
                     lagging.join("; ")
@@ -197,7 +190,9 @@ impl LocalCluster {
     /// A node's own view (`view` of its `/status`), if it answers within 2 s.
     pub async fn node_view(&self, id: &str) -> Option<serde_json::Value> {
         let addr = self.http.get(id)?;
-        let body = http_get(addr, "/status", Duration::from_secs(2)).await?;
+        let (200, body) = crate::natsd::http_get(addr, "/status").await.ok()? else {
+            return None;
+        };
         let mut v: serde_json::Value = serde_json::from_str(&body).ok()?;
         Some(v.get_mut("view")?.take())
     }
@@ -231,21 +226,6 @@ impl LocalCluster {
         futures::future::join_all(stops).await;
         let _ = self.nats.stop().await;
     }
-}
-
-/// `GET path` over a fresh HTTP/1.1 connection; the body of a 200 answer within `limit`.
-pub async fn http_get(addr: &str, path: &str, limit: Duration) -> Option<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).await.ok()?;
-        let (head, body) = raw.split_once("\r\n\r\n")?;
-        (head.split_whitespace().nth(1) == Some("200")).then(|| body.to_string())
-    };
-    tokio::time::timeout(limit, exchange).await.ok().flatten()
 }
 
 /// The leader's id and term of a status (None without a leader).

@@ -18,7 +18,7 @@
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Seek as _, SeekFrom};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -379,7 +379,11 @@ impl NatsServer {
 
     /// The monitoring URL, `http://127.0.0.1:<http_port>`.
     pub fn monitor_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        format!("http://{}", self.http_addr())
+    }
+
+    fn http_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.http_port)
     }
 
     /// The process id while the server runs (it is `None` after a kill or a stop).
@@ -547,7 +551,7 @@ impl NatsServer {
 
             if !healthy
                 && let Ok((200, _)) =
-                    http_get(self.http_port, "/healthz?js-enabled-only=true").await
+                    http_get(&self.http_addr(), "/healthz?js-enabled-only=true").await
             {
                 waiting_for = "the client port";
                 healthy = true;
@@ -561,7 +565,7 @@ impl NatsServer {
                     return Ok(());
                 }
                 waiting_for = "a JetStream meta leader (/jsz meta_cluster.leader)";
-                if let Ok((200, body)) = http_get(self.http_port, "/jsz").await
+                if let Ok((200, body)) = http_get(&self.http_addr(), "/jsz").await
                     && meta_leader(&body).is_some()
                 {
                     return Ok(());
@@ -589,11 +593,11 @@ fn meta_leader(body: &str) -> Option<String> {
     (!leader.is_empty()).then(|| leader.to_owned())
 }
 
-/// A minimal HTTP/1.0 GET to 127.0.0.1:`port`: the status code and the body.
-async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+/// A minimal HTTP/1.0 GET to `addr` (`host:port`) within 2 s: the status code and the body.
+pub(crate) async fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let request = async {
-        let mut stream = TcpStream::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
-        let head = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nAccept: */*\r\n\r\n");
+        let mut stream = TcpStream::connect(addr).await?;
+        let head = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n");
         stream.write_all(head.as_bytes()).await?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await?;

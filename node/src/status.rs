@@ -2,6 +2,7 @@
 //! and every membership record.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use async_nats::jetstream::kv;
 use cluster::SLOT_COUNT;
@@ -9,6 +10,11 @@ use serde::Serialize;
 
 use crate::records;
 use crate::store::{LEASE_KEY, MAP_KEY, MAX_MEMBER_KEYS, MAX_MEMBER_RECORD_BYTES, wall_ms};
+
+/// Timeout of one status poll's JetStream requests (`tessel up`, the local cluster): a request
+/// about a stream the nodes are still creating goes unanswered, and the next poll should not
+/// wait behind it.
+pub const POLL_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The leader as the lease shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -70,6 +76,16 @@ impl ClusterStatus {
                 .nodes
                 .iter()
                 .all(|n| n.slots == 0 || n.status == "Active")
+    }
+
+    /// Whether it is [`settled`](Self::settled) with exactly `ids` (in order) owning slots.
+    pub fn settled_on(&self, ids: &[&str]) -> bool {
+        self.settled()
+            && self
+                .counts()
+                .keys()
+                .map(String::as_str)
+                .eq(ids.iter().copied())
     }
 
     /// Slots per owner.

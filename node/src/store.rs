@@ -96,26 +96,23 @@ pub async fn wait_for_jetstream(client: &async_nats::Client, limit: Duration) ->
         .timeout(READY_PROBE_TIMEOUT)
         .build(client.clone());
     let started = std::time::Instant::now();
-    let mut unanswered = 0u32;
+    let mut waiting = false;
     while started.elapsed() < limit {
-        match probe.query_account().await {
-            Err(e) if matches!(e.kind(), AccountErrorKind::TimedOut) => {
-                unanswered += 1;
-                if unanswered == 1 {
-                    warn!("JetStream does not answer yet (no meta leader?); waiting");
-                }
-            }
+        let pause = match probe.query_account().await {
+            // Dropped: the probe's own timeout was the wait.
+            Err(e) if matches!(e.kind(), AccountErrorKind::TimedOut) => Duration::ZERO,
             // A server that knows it has no meta leader says so at once.
             Err(e) if matches!(e.kind(), AccountErrorKind::JetStream(ref j) if j.code() == 503) => {
-                unanswered += 1;
-                if unanswered == 1 {
-                    warn!(error = %e, "JetStream is not available yet; waiting");
-                }
-                tokio::time::sleep(READY_PROBE_TIMEOUT / 5).await;
+                READY_PROBE_TIMEOUT / 5
             }
             // An answer, or no responders (JetStream is off): the setup says what is wrong.
             _ => break,
+        };
+        if !waiting {
+            warn!("JetStream does not answer yet (no meta leader?); waiting");
+            waiting = true;
         }
+        tokio::time::sleep(pause).await;
     }
     started.elapsed()
 }

@@ -136,10 +136,8 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         Arc::new(Metrics::default()),
     )
     .await?;
-    // Status polls with a short timeout: a request about a stream the nodes are still creating
-    // goes unanswered, and the next poll should not wait behind it.
     let js = async_nats::jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(1))
+        .timeout(crate::status::POLL_REQUEST_TIMEOUT)
         .build(client.clone());
     let mut demo: Option<crate::demo::Demo> = None;
     let mut demo_failed = false;
