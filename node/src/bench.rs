@@ -1109,9 +1109,16 @@ async fn replay_figures(
         fork_seq: None,
     }];
     let t0 = Instant::now();
-    let tables = crate::deltas::replay_model(&template, &line, None, &|_| u64::MAX, &mut |_| {})
-        .await
-        .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
+    let tables = crate::deltas::replay_model(
+        &template,
+        &line,
+        None,
+        &|_| u64::MAX,
+        crate::deltas::replay_workers(),
+        &mut |_| {},
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
     let tessel_rate = raw_rows as f64 / t0.elapsed().as_secs_f64();
     anyhow::ensure!(
         tables.len() == 1024,

@@ -69,9 +69,11 @@ const SCAN_CHUNK_FRAMES: usize = 256;
 /// A pass ends when the consumer has delivered nothing for this long.
 const SCAN_IDLE: Duration = Duration::from_secs(2);
 
-/// At most this many helper threads write a pass's fresh zero tables (one fewer than the
-/// cores, at least one).
-const MAX_ZERO_HELPERS: usize = 8;
+/// At most this many worker threads share a replay's pass (one per core, at least two).
+const MAX_REPLAY_WORKERS: usize = 8;
+
+/// Batches (each at most [`SCAN_CHUNK_FRAMES`] frames) queued for one replay worker.
+const REPLAY_WORKER_QUEUE_BATCHES: usize = 4;
 
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
@@ -1406,6 +1408,7 @@ impl ModelHost {
                 &line[..line.len() - 1],
                 Some(&missing),
                 &|_| fork,
+                replay_workers(),
                 &mut |_| {},
             )
             .await
@@ -1656,19 +1659,9 @@ pub struct ScanProgress<'a> {
     pub to_end: bool,
 }
 
-/// A valid frame's values as a pass hands them on.
-enum Values<'v> {
-    /// After the model's transform.
-    Floats(&'v [f32]),
-    /// The frame's own little-endian bytes: the transform leaves them as they are, and the
-    /// pass was asked for bytes (replay adds them to its tables straight from the message).
-    Bytes(&'v [u8]),
-}
-
 /// What a pass over the stream does with each valid frame: slot, stream sequence, the frame,
-/// its rows, its values.
-type Visit<'v> =
-    dyn FnMut(u16, u64, &Frame<'_>, &[u32], Values<'_>) -> Result<(), String> + Send + 'v;
+/// its rows, its values after the model's transform.
+type Visit<'v> = dyn FnMut(u16, u64, &Frame<'_>, &[u32], &[f32]) -> Result<(), String> + Send + 'v;
 
 /// A slot during a pass over the stream.
 struct ScanSlot {
@@ -1679,150 +1672,202 @@ struct ScanSlot {
     range: std::ops::Range<u64>,
 }
 
-/// One pass with an ordered consumer over a model's slot subjects, from the lowest position
-/// of `slots` to their highest limit (at most the stream's last sequence): each slot's
-/// messages after its position and up to its limit are validated exactly as the live path
-/// does (advancing the chains) and, when valid, handed to `visit` with their transformed
-/// values. Invalid frames are skipped (the live path dead-letters them).
+impl ScanSlot {
+    /// The message at `seq`, when it is this slot's to take (after its position, up to its
+    /// limit; the position then moves to it) and valid by the live path's checks (which
+    /// advance the chains). With it, whether its values are left in the frame's own bytes
+    /// (`bytes` was asked and the transform is the identity; `rows` holds its rows) or were
+    /// transformed into `values`. Invalid frames are skipped: the live path dead-letters them.
+    fn take<'a>(
+        &mut self,
+        seq: u64,
+        payload: &'a [u8],
+        bytes: bool,
+        rows: &mut Vec<u32>,
+        values: &mut Vec<f32>,
+    ) -> Option<(Frame<'a>, bool)> {
+        if seq <= self.position || seq > self.limit {
+            return None;
+        }
+        self.position = seq;
+        rows.clear();
+        values.clear();
+        if bytes && self.model.is_identity() {
+            let f = self
+                .model
+                .check_frame(payload, &self.range, &mut self.chains)
+                .ok()?;
+            rows.extend(f.rows());
+            Some((f, true))
+        } else {
+            self.model
+                .validate_into(payload, &self.range, &mut self.chains, rows, values)
+                .ok()
+                .map(|f| (f, false))
+        }
+    }
+}
+
+/// A message of a pass: its stream sequence, the server's count of the model's messages after
+/// it, the message.
+type PassItem = Result<(u64, u64, jetstream::Message), String>;
+
+/// The reading half of a pass: an ordered consumer over a model's slot subjects, from the
+/// lowest position of the pass's slots to their highest limit (at most the stream's last
+/// sequence), drained on its own task into a bounded channel. The consumer's pulls keep
+/// flowing while the other side validates and applies.
+struct Pass {
+    rx: tokio::sync::mpsc::Receiver<PassItem>,
+    reader: tokio::task::JoinHandle<()>,
+    prefix: String,
+    start: u64,
+    end: u64,
+    to_end: bool,
+}
+
+impl Pass {
+    /// The pass over `slots`, or `None` when there is nothing to read.
+    async fn open(
+        js: &jetstream::Context,
+        cluster: &str,
+        model: &str,
+        slots: impl Iterator<Item = &ScanSlot> + Clone,
+    ) -> Result<Option<Pass>, String> {
+        let stream = js
+            .get_stream(deltas_stream(cluster))
+            .await
+            .map_err(|e| e.to_string())?;
+        let last = stream
+            .get_info()
+            .await
+            .map_err(|e| e.to_string())?
+            .state
+            .last_sequence;
+        let start = slots.clone().map(|s| s.position).min().unwrap_or(0);
+        let end = slots.map(|s| s.limit).max().unwrap_or(0).min(last);
+        if end <= start {
+            return Ok(None);
+        }
+        let prefix = format!("{cluster}.delta.{model}.");
+        let cfg = consumer::pull::OrderedConfig {
+            filter_subject: format!("{prefix}*"),
+            deliver_policy: if start > 0 {
+                consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: start + 1,
+                }
+            } else {
+                consumer::DeliverPolicy::All
+            },
+            ..Default::default()
+        };
+        let mut messages = stream
+            .create_consumer(cfg)
+            .await
+            .map_err(|e| e.to_string())?
+            .messages()
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::mpsc::channel(SCAN_READ_AHEAD_FRAMES);
+        let reader = tokio::spawn(async move {
+            loop {
+                let msg = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
+                    Ok(Some(Ok(m))) => m,
+                    // Nothing more of this model before the end: done.
+                    Err(_) => break,
+                    _ => {
+                        let _ = tx.send(Err("the replay consumer failed".to_string())).await;
+                        break;
+                    }
+                };
+                let (seq, pending) = msg
+                    .info()
+                    .map(|i| (i.stream_sequence, i.pending))
+                    .unwrap_or((0, 0));
+                if seq > end {
+                    break;
+                }
+                let done = seq >= end || pending == 0;
+                if tx.send(Ok((seq, pending, msg))).await.is_err() || done {
+                    break;
+                }
+            }
+        });
+        Ok(Some(Pass {
+            rx,
+            reader,
+            prefix,
+            start,
+            end,
+            to_end: end == last,
+        }))
+    }
+
+    /// The next messages (at most [`SCAN_CHUNK_FRAMES`]) into `chunk`; false at the end.
+    async fn next_chunk(&mut self, chunk: &mut Vec<PassItem>) -> bool {
+        chunk.clear();
+        self.rx.recv_many(chunk, SCAN_CHUNK_FRAMES).await > 0
+    }
+
+    /// The slot a message's subject names.
+    fn slot_of(&self, subject: &str) -> Option<u16> {
+        subject.strip_prefix(self.prefix.as_str())?.parse().ok()
+    }
+
+    /// The progress of this pass before its first message.
+    fn progress<'m>(&self, model: &'m str) -> ScanProgress<'m> {
+        ScanProgress {
+            model,
+            start: self.start,
+            end: self.end,
+            to_end: self.to_end,
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// One pass over `slots` (see [`Pass`]): each slot's messages after its position and up to
+/// its limit are validated exactly as the live path does (advancing the chains) and, when
+/// valid, handed to `visit` with their transformed values, in stream order.
 async fn scan(
     js: &jetstream::Context,
     cluster: &str,
     model: &str,
     slots: &mut BTreeMap<u16, ScanSlot>,
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
-    bytes: bool,
     visit: &mut Visit<'_>,
 ) -> Result<(), String> {
-    let stream = js
-        .get_stream(deltas_stream(cluster))
-        .await
-        .map_err(|e| e.to_string())?;
-    let last = stream
-        .get_info()
-        .await
-        .map_err(|e| e.to_string())?
-        .state
-        .last_sequence;
-    let start = slots.values().map(|s| s.position).min().unwrap_or(0);
-    let end = slots.values().map(|s| s.limit).max().unwrap_or(0).min(last);
-    if end <= start {
+    let Some(mut pass) = Pass::open(js, cluster, model, slots.values()).await? else {
         return Ok(());
-    }
-    let prefix = format!("{cluster}.delta.{model}.");
-    let cfg = consumer::pull::OrderedConfig {
-        filter_subject: format!("{prefix}*"),
-        deliver_policy: if start > 0 {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: start + 1,
-            }
-        } else {
-            consumer::DeliverPolicy::All
-        },
-        ..Default::default()
     };
-    let mut messages = stream
-        .create_consumer(cfg)
-        .await
-        .map_err(|e| e.to_string())?
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut at = ScanProgress {
-        model,
-        start,
-        end,
-        to_end: end == last,
-        ..Default::default()
-    };
-    // The reader drains the consumer on its own task while this one validates and applies,
-    // so the consumer's pulls keep flowing while a frame is being applied (two cores, not
-    // one, share the pass). The channel bounds what is read ahead.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(SCAN_READ_AHEAD_FRAMES);
-    let reader = tokio::spawn(async move {
-        loop {
-            let msg = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
-                Ok(Some(Ok(m))) => m,
-                // Nothing more of this model before the end: done.
-                Err(_) => break,
-                _ => {
-                    let _ = tx.send(Err("the replay consumer failed".to_string())).await;
-                    break;
-                }
-            };
-            let (seq, pending) = msg
-                .info()
-                .map(|i| (i.stream_sequence, i.pending))
-                .unwrap_or((0, 0));
-            if seq > end {
-                break;
-            }
-            let done = seq >= end || pending == 0;
-            if tx.send(Ok((seq, pending, msg))).await.is_err() || done {
-                break;
-            }
-        }
-    });
+    let mut at = pass.progress(model);
     let (mut rows, mut values) = (Vec::new(), Vec::new());
     let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
-    let result = 'pass: loop {
-        chunk.clear();
-        if rx.recv_many(&mut chunk, SCAN_CHUNK_FRAMES).await == 0 {
-            break Ok(());
-        }
+    while pass.next_chunk(&mut chunk).await {
         for item in chunk.drain(..) {
-            let (seq, pending, msg) = match item {
-                Ok(m) => m,
-                Err(e) => break 'pass Err(e),
-            };
+            let (seq, pending, msg) = item?;
             at.seq = seq;
             at.pending = pending;
             at.messages += 1;
-            if let Some((slot, s)) = msg
-                .subject
-                .strip_prefix(prefix.as_str())
-                .and_then(|s| s.parse::<u16>().ok())
+            let Some((k, s)) = pass
+                .slot_of(&msg.subject)
                 .and_then(|k| slots.get_mut(&k).map(|s| (k, s)))
-                && seq > s.position
-                && seq <= s.limit
-            {
-                s.position = seq;
-                rows.clear();
-                values.clear();
-                let valid = if bytes && s.model.is_identity() {
-                    s.model
-                        .check_frame(&msg.payload, &s.range, &mut s.chains)
-                        .map(|f| {
-                            rows.extend(f.rows());
-                            (f, true)
-                        })
-                } else {
-                    s.model
-                        .validate_into(
-                            &msg.payload,
-                            &s.range,
-                            &mut s.chains,
-                            &mut rows,
-                            &mut values,
-                        )
-                        .map(|f| (f, false))
-                };
-                if let Ok((f, raw)) = valid {
-                    at.rows += u64::from(f.count);
-                    let handed = if raw {
-                        Values::Bytes(f.value_bytes())
-                    } else {
-                        Values::Floats(&values)
-                    };
-                    if let Err(e) = visit(slot, seq, &f, &rows, handed) {
-                        break 'pass Err(e);
-                    }
-                }
+            else {
+                continue;
+            };
+            if let Some((f, _)) = s.take(seq, &msg.payload, false, &mut rows, &mut values) {
+                at.rows += u64::from(f.count);
+                visit(k, seq, &f, &rows, &values)?;
             }
         }
         progress(&at);
-    };
-    reader.abort();
-    result
+    }
+    Ok(())
 }
 
 /// Rebuilds tables of a model offline. `lineage` is the model's family line, root first and
@@ -1831,19 +1876,23 @@ async fn scan(
 /// (`to_seq(slot)`); a branch's slot without one starts from its parent's table at the fork
 /// point (rebuilt the same way, recursively), and a root's from zeros. Then one ordered
 /// consumer applies the model's deltas after that, up to the limit, validated and
-/// transformed exactly as the live path does.
+/// transformed exactly as the live path does, shared by `workers` threads (see
+/// [`replay_pass`]).
 pub async fn replay_model(
     template: &SlotModel,
     lineage: &[Generation],
     only: Option<&std::collections::BTreeSet<u16>>,
     to_seq: &(dyn Fn(Slot) -> u64 + Sync),
+    workers: usize,
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
 ) -> Result<BTreeMap<u16, Table>, String> {
-    Ok(replay_states(template, lineage, only, to_seq, progress)
-        .await?
-        .into_iter()
-        .map(|(k, s)| (k, s.0))
-        .collect())
+    Ok(
+        replay_states(template, lineage, only, to_seq, workers, progress)
+            .await?
+            .into_iter()
+            .map(|(k, s)| (k, s.0))
+            .collect(),
+    )
 }
 
 /// [`replay_model`], keeping each slot's position and chains.
@@ -1852,6 +1901,7 @@ async fn replay_states(
     lineage: &[Generation],
     only: Option<&std::collections::BTreeSet<u16>>,
     to_seq: &(dyn Fn(Slot) -> u64 + Sync),
+    workers: usize,
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
 ) -> Result<BTreeMap<u16, SlotState>, String> {
     let Some((me, ancestors)) = lineage.split_last() else {
@@ -1861,219 +1911,261 @@ async fn replay_states(
     let started = Instant::now();
     let names = own.checkpoint_names().await?;
     debug!(model = %me.model, checkpoints = names.len(), ms = started.elapsed().as_millis() as u64, "replay: listed checkpoints");
-    let mut slots: BTreeMap<u16, ScanSlot> = BTreeMap::new();
-    let mut missing = std::collections::BTreeSet::new();
+    let models: Vec<SlotModel> = Slot::all()
+        .filter(|&slot| {
+            !slot_rows(template.rows, slot).is_empty()
+                && only.is_none_or(|o| o.contains(&slot.get()))
+        })
+        .map(|slot| own.for_slot(slot))
+        .collect();
+    // Each slot from its newest checkpoint at or below its limit, several read at a time.
     let mut states: BTreeMap<u16, SlotState> = BTreeMap::new();
-    for slot in Slot::all() {
-        let range = slot_rows(template.rows, slot);
-        if range.is_empty() || only.is_some_and(|o| !o.contains(&slot.get())) {
-            continue;
-        }
-        let model = own.for_slot(slot);
-        let limit = to_seq(slot);
-        match model.restore_from(&names, limit).await {
-            Some(st) => {
-                states.insert(slot.get(), st);
-            }
-            None => {
-                missing.insert(slot.get());
+    let mut missing = std::collections::BTreeSet::new();
+    for chunk in models.chunks(RESTORE_CONCURRENCY) {
+        let restored =
+            futures::future::join_all(chunk.iter().map(|m| m.restore_from(&names, to_seq(m.slot))))
+                .await;
+        for (m, r) in chunk.iter().zip(restored) {
+            match r {
+                Some(st) => {
+                    states.insert(m.slot.get(), st);
+                }
+                None => {
+                    missing.insert(m.slot.get());
+                }
             }
         }
     }
     // Slots without a checkpoint of their own: a branch's start from its parent at the fork
-    // point (or at the limit, when that comes first); a root's from zeros.
-    if !missing.is_empty() {
-        match (me.fork_seq, ancestors.is_empty()) {
-            (Some(fork), false) => {
-                let limit = |s: Slot| to_seq(s).min(fork);
-                let base = Box::pin(replay_states(
-                    template,
-                    ancestors,
-                    Some(&missing),
-                    &limit,
-                    progress,
-                ))
-                .await?;
-                for (k, (table, _, _)) in base {
-                    let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
-                    states.insert(k, (table, limit(slot), HashMap::new()));
-                }
-            }
-            // A root's zero tables are made when the pass first applies to them (or at its
-            // end), so that making them overlaps with reading the stream.
-            _ => {
-                for &k in &missing {
-                    let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
-                    slots.insert(
-                        k,
-                        ScanSlot {
-                            model: own.for_slot(slot),
-                            position: 0,
-                            chains: HashMap::new(),
-                            limit: to_seq(slot),
-                            range: slot_rows(template.rows, slot),
-                        },
-                    );
-                }
-            }
+    // point (or at the limit, when that comes first); a root's from zeros, made by the pass's
+    // workers (see `replay_pass`), so that making them overlaps with reading the stream.
+    if !missing.is_empty()
+        && let (Some(fork), false) = (me.fork_seq, ancestors.is_empty())
+    {
+        let limit = |s: Slot| to_seq(s).min(fork);
+        let base = Box::pin(replay_states(
+            template,
+            ancestors,
+            Some(&missing),
+            &limit,
+            workers,
+            progress,
+        ))
+        .await?;
+        for (k, (table, _, _)) in base {
+            let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
+            states.insert(k, (table, limit(slot), HashMap::new()));
         }
     }
-    debug!(model = %me.model, restored = states.len() + slots.len() - missing.len(), ms = started.elapsed().as_millis() as u64, "replay: starting states ready");
-    let mut tables: BTreeMap<u16, Option<Table>> = slots.keys().map(|&k| (k, None)).collect();
-    for (k, (table, position, chains)) in states {
-        let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
-        tables.insert(k, Some(table));
-        slots.insert(
-            k,
-            ScanSlot {
-                model: own.for_slot(slot),
-                position,
-                chains,
-                limit: to_seq(slot),
-                range: slot_rows(template.rows, slot),
-            },
-        );
+    debug!(model = %me.model, restored = states.len(), ms = started.elapsed().as_millis() as u64, "replay: starting states ready");
+    let mut work: BTreeMap<u16, ReplaySlot> = BTreeMap::new();
+    for model in models {
+        let k = model.slot.get();
+        let (table, position, chains) = match states.remove(&k) {
+            Some((t, p, c)) => (Some(t), p, c),
+            None => (None, 0, HashMap::new()),
+        };
+        let limit = to_seq(model.slot);
+        let range = slot_rows(template.rows, model.slot);
+        let slot = ScanSlot {
+            model,
+            position,
+            chains,
+            limit,
+            range,
+        };
+        work.insert(k, (slot, table));
     }
-    let missing_tables: Vec<u16> = tables
-        .iter()
-        .filter(|(_, t)| t.is_none())
-        .map(|(&k, _)| k)
-        .collect();
-    let mut zeros = ZeroTables::start(missing_tables, template.rows, template.dim as usize);
-    let mut apply = |slot: u16, _seq: u64, _f: &Frame<'_>, rows: &[u32], values: Values<'_>| {
-        let Some(entry) = tables.get_mut(&slot) else {
-            return Ok(());
-        };
-        let table = match entry {
-            Some(t) => t,
-            None => entry.insert(zeros.take(slot)?),
-        };
-        match values {
-            Values::Floats(v) => table.apply(rows, v, 1),
-            Values::Bytes(b) => table.apply_le(rows, b),
-        }
-        .map_err(|e| e.to_string())
-    };
-    scan(
-        &template.js,
-        &template.cluster,
-        &me.model,
-        &mut slots,
-        progress,
-        true,
-        &mut apply,
-    )
-    .await?;
+    let done = replay_pass(template, &me.model, work, workers, progress).await?;
     let mut out = BTreeMap::new();
-    for (k, t) in tables {
-        let table = match t {
+    for (k, (s, table)) in done {
+        let table = match table {
             Some(t) => t,
-            None => zeros.take(k)?,
+            None => zero_table(template.rows, template.dim as usize, k)?,
         };
-        if let Some(s) = slots.remove(&k) {
-            out.insert(k, (table, s.position, s.chains));
-        }
+        out.insert(k, (table, s.position, s.chains));
     }
     Ok(out)
 }
 
-/// The zero tables of a pass, made by several hands: the applying task makes the one it needs
-/// when it first needs it (from the lowest slot up, in stream order) while helper threads make
-/// them from the highest slot down. On a large table with few updates per row, writing fresh
-/// memory is most of a pass; this puts the other cores on it. Each table is made once, by
-/// whoever claims its slot first.
-struct ZeroTables {
-    keys: HashMap<u16, usize>,
-    claims: Arc<Vec<std::sync::atomic::AtomicBool>>,
-    made: std::sync::mpsc::Receiver<(u16, Table)>,
-    ready: HashMap<u16, Table>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
+/// A slot of a replay: its pass state and its table (`None` until a zero table is made for
+/// it).
+type ReplaySlot = (ScanSlot, Option<Table>);
+
+/// Worker threads of a replay by default: one per core, at least two (so that making zero
+/// tables and applying overlap on a small machine), at most [`MAX_REPLAY_WORKERS`].
+pub fn replay_workers() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, std::num::NonZero::get)
+        .clamp(2, MAX_REPLAY_WORKERS)
+}
+
+/// One pass of a replay over `slots`, shared by `workers` threads: the slots are dealt out
+/// round the workers, and each worker validates and applies its own slots' messages in
+/// stream order (a slot's chains and table are touched by one thread only) while this task
+/// routes the pass's messages to them. A worker with nothing to apply makes the zero tables
+/// its slots will need, and makes the rest at the end: on a large table with few updates per
+/// row, writing fresh memory is most of a pass, and this puts every core on it. The tables
+/// are the same, bit for bit, as one thread's: each slot's messages are applied in the same
+/// order.
+async fn replay_pass(
+    template: &SlotModel,
+    model: &str,
+    slots: BTreeMap<u16, ReplaySlot>,
+    workers: usize,
+    progress: &mut (dyn FnMut(&ScanProgress) + Send),
+) -> Result<BTreeMap<u16, ReplaySlot>, String> {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let workers = workers.clamp(1, slots.len().max(1));
+    let mut shards: Vec<BTreeMap<u16, ReplaySlot>> =
+        (0..workers).map(|_| BTreeMap::new()).collect();
+    let mut owner = vec![None; 1 << 10];
+    let pass = Pass::open(
+        &template.js,
+        &template.cluster,
+        model,
+        slots.values().map(|(s, _)| s),
+    )
+    .await?;
+    for (i, (k, slot)) in slots.into_iter().enumerate() {
+        if let Some(o) = owner.get_mut(usize::from(k)) {
+            *o = Some(i % workers);
+        }
+        if let Some(shard) = shards.get_mut(i % workers) {
+            shard.insert(k, slot);
+        }
+    }
+    let applied = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (rows, dim) = (template.rows, template.dim as usize);
+    let mut senders = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
+    for shard in shards {
+        let (tx, rx) = tokio::sync::mpsc::channel(REPLAY_WORKER_QUEUE_BATCHES);
+        let (applied, stop) = (applied.clone(), stop.clone());
+        handles.push(tokio::task::spawn_blocking(move || {
+            replay_worker(shard, rx, rows, dim, &applied, &stop)
+        }));
+        senders.push(tx);
+    }
+    let routed = async {
+        let Some(mut pass) = pass else {
+            return Ok(());
+        };
+        let mut at = pass.progress(model);
+        let mut batches: Vec<Vec<(u16, u64, Bytes)>> = vec![Vec::new(); workers];
+        let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
+        while pass.next_chunk(&mut chunk).await {
+            for item in chunk.drain(..) {
+                let (seq, pending, msg) = item?;
+                at.seq = seq;
+                at.pending = pending;
+                at.messages += 1;
+                let to = pass
+                    .slot_of(&msg.subject)
+                    .and_then(|k| Some((k, owner.get(usize::from(k)).copied().flatten()?)));
+                if let Some((k, w)) = to
+                    && let Some(batch) = batches.get_mut(w)
+                {
+                    batch.push((k, seq, msg.message.payload));
+                }
+            }
+            for (batch, tx) in batches.iter_mut().zip(&senders) {
+                // A worker that stopped has failed: its result says why.
+                if !batch.is_empty() && tx.send(std::mem::take(batch)).await.is_err() {
+                    return Ok(());
+                }
+            }
+            at.rows = applied.load(Ordering::Relaxed);
+            progress(&at);
+        }
+        Ok::<(), String>(())
+    };
+    let routed = routed.await;
+    if routed.is_err() {
+        stop.store(true, Ordering::Relaxed);
+    }
+    drop(senders);
+    let mut out = BTreeMap::new();
+    let mut failed = routed.err();
+    for h in handles {
+        match h.await {
+            Ok(Ok(shard)) => out.extend(shard),
+            Ok(Err(e)) => failed = failed.or(Some(e)),
+            Err(e) => failed = failed.or(Some(format!("a replay worker failed: {e}"))),
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(out),
+    }
+}
+
+/// A replay worker (see [`replay_pass`]): applies the batches routed to its `shard` until the
+/// router closes the channel, making zero tables whenever it has nothing to apply.
+fn replay_worker(
+    mut shard: BTreeMap<u16, ReplaySlot>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<(u16, u64, Bytes)>>,
     rows: u64,
     dim: usize,
-}
-
-impl ZeroTables {
-    fn start(slots: Vec<u16>, rows: u64, dim: usize) -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let claims: Arc<Vec<AtomicBool>> =
-            Arc::new(slots.iter().map(|_| AtomicBool::new(false)).collect());
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, made) = std::sync::mpsc::channel();
-        let keys = slots.iter().enumerate().map(|(i, &k)| (k, i)).collect();
-        let slots = Arc::new(slots);
-        let helpers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get().saturating_sub(1))
-            .clamp(1, MAX_ZERO_HELPERS);
-        for h in 0..helpers {
-            let (claims, stop, slots, tx) =
-                (claims.clone(), stop.clone(), slots.clone(), tx.clone());
-            let spawned = std::thread::Builder::new()
-                .name(format!("replay-zeros-{h}"))
-                .spawn(move || {
-                    for (i, &k) in slots.iter().enumerate().rev() {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        if claims[i].swap(true, Ordering::AcqRel) {
-                            continue;
-                        }
-                        let Ok(table) = zero_table(rows, dim, k) else {
-                            // Cannot happen for the slots of a pass; the channel closing tells
-                            // the applying side to make the rest itself.
-                            break;
-                        };
-                        if tx.send((k, table)).is_err() {
-                            break;
-                        }
-                    }
-                });
-            if let Err(e) = spawned {
-                // Fewer hands: the applying side makes what no helper claims.
-                debug!(error = %e, "replay: no helper thread for the zero tables");
-            }
-        }
-        ZeroTables {
-            keys,
-            claims,
-            made,
-            ready: HashMap::new(),
-            stop,
-            rows,
-            dim,
-        }
-    }
-
-    /// The zero table of slot `k`, made here unless the helper has claimed it (then its
-    /// table, waiting for it if it is still being made).
-    fn take(&mut self, k: u16) -> Result<Table, String> {
-        use std::sync::atomic::Ordering;
-        if let Some(t) = self.ready.remove(&k) {
-            return Ok(t);
-        }
-        let Some(&i) = self.keys.get(&k) else {
-            return zero_table(self.rows, self.dim, k);
-        };
-        if !self.claims[i].swap(true, Ordering::AcqRel) {
-            return zero_table(self.rows, self.dim, k);
-        }
-        loop {
-            match self.made.recv() {
-                Ok((j, t)) if j == k => return Ok(t),
-                Ok((j, t)) => {
-                    self.ready.insert(j, t);
+    applied: &std::sync::atomic::AtomicU64,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<BTreeMap<u16, ReplaySlot>, String> {
+    use std::sync::atomic::Ordering;
+    use tokio::sync::mpsc::error::TryRecvError;
+    let mut unmade: Vec<u16> = shard
+        .iter()
+        .filter(|(_, (_, t))| t.is_none())
+        .map(|(&k, _)| k)
+        .collect();
+    let (mut ids, mut values) = (Vec::new(), Vec::new());
+    loop {
+        let batch = match rx.try_recv() {
+            Ok(b) => b,
+            Err(TryRecvError::Disconnected) => break,
+            Err(TryRecvError::Empty) => {
+                if let Some(k) = unmade.pop()
+                    && let Some((_, table @ None)) = shard.get_mut(&k)
+                    && !stop.load(Ordering::Relaxed)
+                {
+                    *table = Some(zero_table(rows, dim, k)?);
+                    continue;
                 }
-                // The helper stopped before making it (it claims only what it then makes,
-                // so this is a failed allocation): make it here.
-                Err(_) => return zero_table(self.rows, self.dim, k),
+                match rx.blocking_recv() {
+                    Some(b) => b,
+                    None => break,
+                }
             }
+        };
+        for (k, seq, payload) in batch {
+            let Some((slot, table)) = shard.get_mut(&k) else {
+                continue;
+            };
+            let Some((f, raw)) = slot.take(seq, &payload, true, &mut ids, &mut values) else {
+                continue;
+            };
+            applied.fetch_add(u64::from(f.count), Ordering::Relaxed);
+            let table = match table {
+                Some(t) => t,
+                None => table.insert(zero_table(rows, dim, k)?),
+            };
+            if raw {
+                table.apply_le(&ids, f.value_bytes())
+            } else {
+                table.apply(&ids, &values, 1)
+            }
+            .map_err(|e| e.to_string())?;
         }
     }
-}
-
-impl Drop for ZeroTables {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if stop.load(Ordering::Relaxed) {
+        return Err("the replay stopped".into());
     }
+    for (&k, (_, table)) in shard.iter_mut() {
+        if table.is_none() {
+            *table = Some(zero_table(rows, dim, k)?);
+        }
+    }
+    Ok(shard)
 }
 
 /// A zero table for slot `k` of a `rows × dim` model.
@@ -2124,16 +2216,11 @@ pub async fn stream_changes(
     }
     let max_rows = usize::try_from(template.rows).unwrap_or(usize::MAX);
     let mut changes = actors::merge::Changes::new(template.dim as usize, max_rows);
-    let mut add = |_slot: u16, seq: u64, f: &Frame<'_>, rows: &[u32], values: Values<'_>| {
+    let mut add = |_slot: u16, seq: u64, f: &Frame<'_>, rows: &[u32], values: &[f32]| {
         if seq <= after {
             return Ok(());
         }
-        match values {
-            Values::Floats(v) => changes.add(rows, v, f.ts),
-            // Not asked for (the pass below wants floats); decoded if it ever comes.
-            Values::Bytes(_) => changes.add(rows, &f.values().collect::<Vec<_>>(), f.ts),
-        }
-        .map_err(|e| e.to_string())
+        changes.add(rows, values, f.ts).map_err(|e| e.to_string())
     };
     scan(
         &template.js,
@@ -2141,7 +2228,6 @@ pub async fn stream_changes(
         &me.model,
         &mut slots,
         progress,
-        false,
         &mut add,
     )
     .await?;
@@ -2221,45 +2307,5 @@ impl SlotModel {
             },
             ..self.for_slot(self.slot)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    /// Whatever the order the applying side asks in, and however far the helpers got, each
-    /// slot's zero table comes out once, with its slot's rows.
-    #[test]
-    fn zero_tables_are_made_once_each_by_whichever_hand_claims_them() {
-        let (rows, dim) = (1u64 << 14, 4usize);
-        let slots: Vec<u16> = (0..1024).collect();
-        for order in [
-            slots.clone(),
-            slots.iter().rev().copied().collect::<Vec<_>>(),
-            slots
-                .iter()
-                .map(|&k| (u32::from(k) * 389 % 1024) as u16)
-                .collect(),
-        ] {
-            let mut zeros = ZeroTables::start(slots.clone(), rows, dim);
-            for &k in &order {
-                let t = zeros.take(k).unwrap();
-                let range = slot_rows(rows, Slot::new(u64::from(k)).unwrap());
-                assert_eq!(t.rows(), range, "slot {k}");
-                assert!(t.data().iter().all(|v| *v == 0.0));
-            }
-            // Nothing was made twice: whatever the helpers made, the applying side took.
-            assert!(
-                zeros.ready.is_empty(),
-                "{} tables made twice",
-                zeros.ready.len()
-            );
-            assert!(zeros.made.try_recv().is_err());
-        }
-        // A slot outside the pass is made on the spot.
-        let mut zeros = ZeroTables::start(vec![1, 2], rows, dim);
-        assert_eq!(zeros.take(7).unwrap().rows(), 112..128);
     }
 }

@@ -79,24 +79,28 @@ fn produce_ones(
 }
 
 /// `tessel replay --verify`: checkpoints plus the stream rebuild every slot bit for bit as the
-/// live tables are.
+/// live tables are, whether one thread applies or several share the slots.
 fn replay_verifies(c: &TestCluster, model: &str) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
-        .args([
-            "replay",
-            "--model",
-            model,
-            "--verify",
-            "--json",
-            "--nats",
-            &c.nats.url(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["differing_slots"], json!([]));
-    assert_eq!(v["slots"], 1024);
+    for workers in ["1", "5"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+            .args([
+                "replay",
+                "--model",
+                model,
+                "--verify",
+                "--json",
+                "--workers",
+                workers,
+                "--nats",
+                &c.nats.url(),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{workers} workers: {out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["differing_slots"], json!([]), "{workers} workers");
+        assert_eq!(v["slots"], 1024);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

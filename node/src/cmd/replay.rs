@@ -14,7 +14,8 @@ use serde_json::json;
 
 use crate::cmd::actor::Target;
 use crate::deltas::{
-    SlotModel, SlotModelConfig, data_checksum, ensure, get_slot, lineage, replay_model, seq_at_time,
+    SlotModel, SlotModelConfig, data_checksum, ensure, get_slot, lineage, replay_model,
+    replay_workers, seq_at_time,
 };
 use crate::metrics::Metrics;
 
@@ -45,6 +46,10 @@ pub struct ReplayArgs {
     /// One JSON object at the end.
     #[arg(long)]
     json: bool,
+    /// Threads that validate and apply (each takes a share of the slots; default one per
+    /// core, 2 to 8).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    workers: Option<u16>,
 }
 
 /// Runs `tessel replay`.
@@ -125,8 +130,9 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             metrics: std::sync::Arc::new(Metrics::default()),
         };
         let limit = |slot: Slot| live.get(&slot.get()).map(|(_, p)| *p).or(to_seq).unwrap_or(u64::MAX);
+        let workers = args.workers.map_or_else(replay_workers, usize::from);
         let mut bar = crate::progress::Bar::new(args.quiet);
-        let replayed = replay_model(&template, &line, None, &limit, &mut |p| bar.update(p)).await;
+        let replayed = replay_model(&template, &line, None, &limit, workers, &mut |p| bar.update(p)).await;
         bar.finish();
         let tables = match replayed {
             Ok(t) => t,
