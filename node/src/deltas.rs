@@ -72,8 +72,15 @@ const SCAN_IDLE: Duration = Duration::from_secs(2);
 /// At most this many worker threads share a replay's pass (one per core, at least two).
 const MAX_REPLAY_WORKERS: usize = 8;
 
-/// Batches (each at most [`SCAN_CHUNK_FRAMES`] frames) queued for one replay worker.
-const REPLAY_WORKER_QUEUE_BATCHES: usize = 4;
+/// Frames a replay's router gathers for one worker before handing them over, unless the
+/// reader has nothing more for now (fewer wake-ups of the workers).
+const REPLAY_BATCH_FRAMES: usize = 64;
+
+/// Frames handed to a replay's workers and not yet applied, all workers together.
+const REPLAY_QUEUED_FRAMES: usize = 4_096;
+
+// A batch handed over (at most one chunk past a full one) always fits in the queue.
+const _: () = assert!(REPLAY_BATCH_FRAMES + SCAN_CHUNK_FRAMES <= REPLAY_QUEUED_FRAMES);
 
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
@@ -2037,14 +2044,22 @@ async fn replay_pass(
     }
     let applied = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    // The workers' queues are bounded together: a worker busy making a zero table may fall
+    // behind for a while without holding up the others.
+    let queued = Arc::new(tokio::sync::Semaphore::new(REPLAY_QUEUED_FRAMES));
     let (rows, dim) = (template.rows, template.dim as usize);
     let mut senders = Vec::with_capacity(workers);
     let mut handles = Vec::with_capacity(workers);
     for shard in shards {
-        let (tx, rx) = tokio::sync::mpsc::channel(REPLAY_WORKER_QUEUE_BATCHES);
-        let (applied, stop) = (applied.clone(), stop.clone());
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (applied, stop, queued) = (applied.clone(), stop.clone(), queued.clone());
         handles.push(tokio::task::spawn_blocking(move || {
-            replay_worker(shard, rx, rows, dim, &applied, &stop)
+            let done = replay_worker(shard, rx, rows, dim, &applied, &stop, &queued);
+            if done.is_err() {
+                // The router may be waiting for this worker's share of the queue.
+                queued.close();
+            }
+            done
         }));
         senders.push(tx);
     }
@@ -2055,7 +2070,8 @@ async fn replay_pass(
         let mut at = pass.progress(model);
         let mut batches: Vec<Vec<(u16, u64, Bytes)>> = vec![Vec::new(); workers];
         let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
-        while pass.next_chunk(&mut chunk).await {
+        loop {
+            let more = pass.next_chunk(&mut chunk).await;
             for item in chunk.drain(..) {
                 let (seq, pending, msg) = item?;
                 at.seq = seq;
@@ -2070,16 +2086,28 @@ async fn replay_pass(
                     batch.push((k, seq, msg.message.payload));
                 }
             }
+            // Hand over full batches, and everything when the reader has nothing more yet.
+            let all = !more || pass.rx.is_empty();
             for (batch, tx) in batches.iter_mut().zip(&senders) {
-                // A worker that stopped has failed: its result says why.
-                if !batch.is_empty() && tx.send(std::mem::take(batch)).await.is_err() {
+                if batch.is_empty() || !(all || batch.len() >= REPLAY_BATCH_FRAMES) {
+                    continue;
+                }
+                let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+                // Closed, or a send refused: a worker has failed, and its result says why.
+                let Ok(permits) = queued.acquire_many(n).await else {
+                    return Ok(());
+                };
+                permits.forget();
+                if tx.send(std::mem::take(batch)).is_err() {
                     return Ok(());
                 }
             }
             at.rows = applied.load(Ordering::Relaxed);
             progress(&at);
+            if !more {
+                return Ok::<(), String>(());
+            }
         }
-        Ok::<(), String>(())
     };
     let routed = routed.await;
     if routed.is_err() {
@@ -2105,11 +2133,12 @@ async fn replay_pass(
 /// router closes the channel, making zero tables whenever it has nothing to apply.
 fn replay_worker(
     mut shard: BTreeMap<u16, ReplaySlot>,
-    mut rx: tokio::sync::mpsc::Receiver<Vec<(u16, u64, Bytes)>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<(u16, u64, Bytes)>>,
     rows: u64,
     dim: usize,
     applied: &std::sync::atomic::AtomicU64,
     stop: &std::sync::atomic::AtomicBool,
+    queued: &tokio::sync::Semaphore,
 ) -> Result<BTreeMap<u16, ReplaySlot>, String> {
     use std::sync::atomic::Ordering;
     use tokio::sync::mpsc::error::TryRecvError;
@@ -2137,6 +2166,7 @@ fn replay_worker(
                 }
             }
         };
+        let n = batch.len();
         for (k, seq, payload) in batch {
             let Some((slot, table)) = shard.get_mut(&k) else {
                 continue;
@@ -2156,6 +2186,7 @@ fn replay_worker(
             }
             .map_err(|e| e.to_string())?;
         }
+        queued.add_permits(n);
     }
     if stop.load(Ordering::Relaxed) {
         return Err("the replay stopped".into());
