@@ -63,7 +63,8 @@ const RESTORE_CONCURRENCY: usize = 16;
 /// the usual workload, so about 64 MiB at most).
 const SCAN_READ_AHEAD_FRAMES: usize = 4_096;
 
-/// Frames a pass takes from its reader at a time (progress is reported once per chunk).
+/// Frames a pass takes from its reader at a time (progress is reported once per chunk, or per
+/// as many frames).
 const SCAN_CHUNK_FRAMES: usize = 256;
 
 /// A pass ends when the consumer has delivered nothing for this long.
@@ -72,15 +73,15 @@ const SCAN_IDLE: Duration = Duration::from_secs(2);
 /// At most this many worker threads share a replay's pass (one per core, at least two).
 const MAX_REPLAY_WORKERS: usize = 8;
 
-/// Frames a replay's router gathers for one worker before handing them over, unless the
-/// reader has nothing more for now (fewer wake-ups of the workers).
+/// Frames a replay's router gathers for one worker before handing them over (waking a worker
+/// for every few frames cost the router more than its routing).
 const REPLAY_BATCH_FRAMES: usize = 64;
 
 /// Frames handed to a replay's workers and not yet applied, all workers together.
 const REPLAY_QUEUED_FRAMES: usize = 4_096;
 
-// A batch handed over (at most one chunk past a full one) always fits in the queue.
-const _: () = assert!(REPLAY_BATCH_FRAMES + SCAN_CHUNK_FRAMES <= REPLAY_QUEUED_FRAMES);
+// A batch handed over always fits in the queue.
+const _: () = assert!(REPLAY_BATCH_FRAMES <= REPLAY_QUEUED_FRAMES);
 
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
@@ -1721,15 +1722,14 @@ type PassItem = Result<(u64, u64, jetstream::Message), String>;
 
 /// The reading half of a pass: an ordered consumer over a model's slot subjects, from the
 /// lowest position of the pass's slots to their highest limit (at most the stream's last
-/// sequence), drained on its own task into a bounded channel. The consumer's pulls keep
-/// flowing while the other side validates and applies.
+/// sequence).
 struct Pass {
-    rx: tokio::sync::mpsc::Receiver<PassItem>,
-    reader: tokio::task::JoinHandle<()>,
+    messages: consumer::pull::Ordered,
     prefix: String,
     start: u64,
     end: u64,
     to_end: bool,
+    done: bool,
 }
 
 impl Pass {
@@ -1767,57 +1767,76 @@ impl Pass {
             },
             ..Default::default()
         };
-        let mut messages = stream
+        let messages = stream
             .create_consumer(cfg)
             .await
             .map_err(|e| e.to_string())?
             .messages()
             .await
             .map_err(|e| e.to_string())?;
-        let (tx, rx) = tokio::sync::mpsc::channel(SCAN_READ_AHEAD_FRAMES);
-        let reader = tokio::spawn(async move {
-            loop {
-                let msg = match tokio::time::timeout(SCAN_IDLE, messages.next()).await {
-                    Ok(Some(Ok(m))) => m,
-                    // Nothing more of this model before the end: done.
-                    Err(_) => break,
-                    _ => {
-                        let _ = tx.send(Err("the replay consumer failed".to_string())).await;
-                        break;
-                    }
-                };
-                let (seq, pending) = msg
-                    .info()
-                    .map(|i| (i.stream_sequence, i.pending))
-                    .unwrap_or((0, 0));
-                if seq > end {
-                    break;
-                }
-                let done = seq >= end || pending == 0;
-                if tx.send(Ok((seq, pending, msg))).await.is_err() || done {
-                    break;
-                }
-            }
-        });
         Ok(Some(Pass {
-            rx,
-            reader,
+            messages,
             prefix,
             start,
             end,
             to_end: end == last,
+            done: false,
         }))
     }
 
-    /// The next messages (at most [`SCAN_CHUNK_FRAMES`]) into `chunk`; false at the end.
-    async fn next_chunk(&mut self, chunk: &mut Vec<PassItem>) -> bool {
-        chunk.clear();
-        self.rx.recv_many(chunk, SCAN_CHUNK_FRAMES).await > 0
+    /// The next message, or `None` at the end of the pass: its last sequence read, nothing
+    /// more of the model pending, or nothing delivered for [`SCAN_IDLE`].
+    async fn next(&mut self) -> Option<PassItem> {
+        if self.done {
+            return None;
+        }
+        let msg = match tokio::time::timeout(SCAN_IDLE, self.messages.next()).await {
+            Ok(Some(Ok(m))) => m,
+            Err(_) => {
+                self.done = true;
+                return None;
+            }
+            _ => {
+                self.done = true;
+                return Some(Err("the replay consumer failed".to_string()));
+            }
+        };
+        let (seq, pending) = msg
+            .info()
+            .map(|i| (i.stream_sequence, i.pending))
+            .unwrap_or((0, 0));
+        if seq > self.end {
+            self.done = true;
+            return None;
+        }
+        self.done = seq >= self.end || pending == 0;
+        Some(Ok((seq, pending, msg)))
     }
 
-    /// The slot a message's subject names.
-    fn slot_of(&self, subject: &str) -> Option<u16> {
-        subject.strip_prefix(self.prefix.as_str())?.parse().ok()
+    /// The rest of the pass read on a task of its own into a bounded channel
+    /// ([`SCAN_READ_AHEAD_FRAMES`]), so that the consumer's pulls keep flowing while the
+    /// caller works on each message. The task ends with the pass, or when the receiver is
+    /// dropped.
+    fn read_ahead(mut self) -> tokio::sync::mpsc::Receiver<PassItem> {
+        let (tx, rx) = tokio::sync::mpsc::channel(SCAN_READ_AHEAD_FRAMES);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    () = tx.closed() => break,
+                    item = self.next() => item,
+                };
+                let Some(item) = item else { break };
+                if tx.send(item).await.is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    }
+
+    /// The slot a message's subject names, for a pass with this `prefix`.
+    fn slot_of(prefix: &str, subject: &str) -> Option<u16> {
+        subject.strip_prefix(prefix)?.parse().ok()
     }
 
     /// The progress of this pass before its first message.
@@ -1832,15 +1851,10 @@ impl Pass {
     }
 }
 
-impl Drop for Pass {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
 /// One pass over `slots` (see [`Pass`]): each slot's messages after its position and up to
 /// its limit are validated exactly as the live path does (advancing the chains) and, when
-/// valid, handed to `visit` with their transformed values, in stream order.
+/// valid, handed to `visit` with their transformed values, in stream order. The pass is read
+/// ahead on a task of its own while this one validates and visits.
 async fn scan(
     js: &jetstream::Context,
     cluster: &str,
@@ -1849,20 +1863,21 @@ async fn scan(
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
     visit: &mut Visit<'_>,
 ) -> Result<(), String> {
-    let Some(mut pass) = Pass::open(js, cluster, model, slots.values()).await? else {
+    let Some(pass) = Pass::open(js, cluster, model, slots.values()).await? else {
         return Ok(());
     };
     let mut at = pass.progress(model);
+    let prefix = pass.prefix.clone();
+    let mut rx = pass.read_ahead();
     let (mut rows, mut values) = (Vec::new(), Vec::new());
     let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
-    while pass.next_chunk(&mut chunk).await {
+    while rx.recv_many(&mut chunk, SCAN_CHUNK_FRAMES).await > 0 {
         for item in chunk.drain(..) {
             let (seq, pending, msg) = item?;
             at.seq = seq;
             at.pending = pending;
             at.messages += 1;
-            let Some((k, s)) = pass
-                .slot_of(&msg.subject)
+            let Some((k, s)) = Pass::slot_of(&prefix, &msg.subject)
                 .and_then(|k| slots.get_mut(&k).map(|s| (k, s)))
             else {
                 continue;
@@ -2063,54 +2078,47 @@ async fn replay_pass(
         }));
         senders.push(tx);
     }
+    // This task reads the consumer itself: routing a message costs less than handing it on.
     let routed = async {
         let Some(mut pass) = pass else {
             return Ok(());
         };
         let mut at = pass.progress(model);
-        let mut batches: Vec<Vec<(u16, u64, Bytes)>> = vec![Vec::new(); workers];
-        let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
-        loop {
-            let more = pass.next_chunk(&mut chunk).await;
-            for item in chunk.drain(..) {
-                let (seq, pending, msg) = item?;
-                at.seq = seq;
-                at.pending = pending;
-                at.messages += 1;
-                let to = pass
-                    .slot_of(&msg.subject)
-                    .and_then(|k| Some((k, owner.get(usize::from(k)).copied().flatten()?)));
-                if let Some((k, w)) = to
-                    && let Some(batch) = batches.get_mut(w)
-                {
-                    batch.push((k, seq, msg.message.payload));
-                }
+        let mut batches: Vec<ReplayBatch> = vec![Vec::new(); workers];
+        while let Some(item) = pass.next().await {
+            let (seq, pending, msg) = item?;
+            at.seq = seq;
+            at.pending = pending;
+            at.messages += 1;
+            if at.messages % SCAN_CHUNK_FRAMES as u64 == 0 {
+                at.rows = applied.load(Ordering::Relaxed);
+                progress(&at);
             }
-            // Hand over full batches, and everything when the reader has nothing more yet.
-            let all = !more || pass.rx.is_empty();
-            for (batch, tx) in batches.iter_mut().zip(&senders) {
-                if batch.is_empty() || !(all || batch.len() >= REPLAY_BATCH_FRAMES) {
-                    continue;
-                }
-                let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-                // Closed, or a send refused: a worker has failed, and its result says why.
-                let Ok(permits) = queued.acquire_many(n).await else {
-                    return Ok(());
-                };
-                permits.forget();
-                if tx.send(std::mem::take(batch)).is_err() {
+            let Some(k) = Pass::slot_of(&pass.prefix, &msg.subject) else {
+                continue;
+            };
+            let Some(w) = owner.get(usize::from(k)).copied().flatten() else {
+                continue;
+            };
+            if let (Some(batch), Some(tx)) = (batches.get_mut(w), senders.get(w)) {
+                batch.push((k, seq, msg.message.payload));
+                if batch.len() >= REPLAY_BATCH_FRAMES && !hand_over(&queued, tx, batch).await {
                     return Ok(());
                 }
-            }
-            at.rows = applied.load(Ordering::Relaxed);
-            progress(&at);
-            if !more {
-                return Ok::<(), String>(());
             }
         }
+        for (batch, tx) in batches.iter_mut().zip(&senders) {
+            if !batch.is_empty() && !hand_over(&queued, tx, batch).await {
+                return Ok(());
+            }
+        }
+        at.rows = applied.load(Ordering::Relaxed);
+        progress(&at);
+        Ok::<(), String>(())
     };
     let routed = routed.await;
-    if routed.is_err() {
+    // A failed pass, or a failed worker (it closes the queue): the others make no more tables.
+    if routed.is_err() || queued.is_closed() {
         stop.store(true, Ordering::Relaxed);
     }
     drop(senders);
@@ -2129,11 +2137,29 @@ async fn replay_pass(
     }
 }
 
+/// A replay's batch of messages for one worker: slot, stream sequence, payload.
+type ReplayBatch = Vec<(u16, u64, Bytes)>;
+
+/// Hands a replay worker its batch once the shared queue has room; false when a worker has
+/// failed (the queue is closed, or the send refused), and its result says why.
+async fn hand_over(
+    queued: &tokio::sync::Semaphore,
+    tx: &tokio::sync::mpsc::UnboundedSender<ReplayBatch>,
+    batch: &mut ReplayBatch,
+) -> bool {
+    let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+    match queued.acquire_many(n).await {
+        Ok(permits) => permits.forget(),
+        Err(_) => return false,
+    }
+    tx.send(std::mem::take(batch)).is_ok()
+}
+
 /// A replay worker (see [`replay_pass`]): applies the batches routed to its `shard` until the
 /// router closes the channel, making zero tables whenever it has nothing to apply.
 fn replay_worker(
     mut shard: BTreeMap<u16, ReplaySlot>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<(u16, u64, Bytes)>>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<ReplayBatch>,
     rows: u64,
     dim: usize,
     applied: &std::sync::atomic::AtomicU64,
