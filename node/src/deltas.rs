@@ -1464,13 +1464,7 @@ impl ModelHost {
             .collect();
         let cfg = consumer::pull::OrderedConfig {
             filter_subjects: filters,
-            deliver_policy: if start > 0 {
-                consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start + 1,
-                }
-            } else {
-                consumer::DeliverPolicy::All
-            },
+            deliver_policy: deliver_after(start),
             ..Default::default()
         };
         let mut messages = stream.create_consumer(cfg).await?.messages().await?;
@@ -1740,16 +1734,7 @@ impl Pass {
         model: &str,
         slots: impl Iterator<Item = &ScanSlot> + Clone,
     ) -> Result<Option<Pass>, String> {
-        let stream = js
-            .get_stream(deltas_stream(cluster))
-            .await
-            .map_err(|e| e.to_string())?;
-        let last = stream
-            .get_info()
-            .await
-            .map_err(|e| e.to_string())?
-            .state
-            .last_sequence;
+        let (stream, last) = deltas_stream_at_end(js, cluster).await?;
         let start = slots.clone().map(|s| s.position).min().unwrap_or(0);
         let end = slots.map(|s| s.limit).max().unwrap_or(0).min(last);
         if end <= start {
@@ -1758,22 +1743,10 @@ impl Pass {
         let prefix = format!("{cluster}.delta.{model}.");
         let cfg = consumer::pull::OrderedConfig {
             filter_subject: format!("{prefix}*"),
-            deliver_policy: if start > 0 {
-                consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: start + 1,
-                }
-            } else {
-                consumer::DeliverPolicy::All
-            },
+            deliver_policy: deliver_after(start),
             ..Default::default()
         };
-        let messages = stream
-            .create_consumer(cfg)
-            .await
-            .map_err(|e| e.to_string())?
-            .messages()
-            .await
-            .map_err(|e| e.to_string())?;
+        let messages = ordered_messages(&stream, cfg).await?;
         Ok(Some(Pass {
             messages,
             prefix,
@@ -2291,14 +2264,11 @@ pub async fn stream_changes(
     Ok(changes)
 }
 
-/// The last sequence of the deltas stream whose server timestamp is at or before `t_ns` (unix
-/// nanoseconds): one less than the first message stored after it, or the last sequence when
-/// none was.
-pub async fn seq_at_time(
+/// The deltas stream and its last sequence.
+async fn deltas_stream_at_end(
     js: &jetstream::Context,
     cluster: &str,
-    t_ns: i128,
-) -> Result<u64, String> {
+) -> Result<(jetstream::stream::Stream, u64), String> {
     let stream = js
         .get_stream(deltas_stream(cluster))
         .await
@@ -2309,19 +2279,50 @@ pub async fn seq_at_time(
         .map_err(|e| e.to_string())?
         .state
         .last_sequence;
+    Ok((stream, last))
+}
+
+/// A consumer's start: the first sequence after `start` (everything for 0).
+fn deliver_after(start: u64) -> consumer::DeliverPolicy {
+    if start > 0 {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: start + 1,
+        }
+    } else {
+        consumer::DeliverPolicy::All
+    }
+}
+
+/// The messages of a new ordered consumer on `stream`.
+async fn ordered_messages(
+    stream: &jetstream::stream::Stream,
+    cfg: consumer::pull::OrderedConfig,
+) -> Result<consumer::pull::Ordered, String> {
+    stream
+        .create_consumer(cfg)
+        .await
+        .map_err(|e| e.to_string())?
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The last sequence of the deltas stream whose server timestamp is at or before `t_ns` (unix
+/// nanoseconds): one less than the first message stored after it, or the last sequence when
+/// none was.
+pub async fn seq_at_time(
+    js: &jetstream::Context,
+    cluster: &str,
+    t_ns: i128,
+) -> Result<u64, String> {
+    let (stream, last) = deltas_stream_at_end(js, cluster).await?;
     let start_time =
         async_nats::datetime::from_nanos(t_ns.saturating_add(1)).map_err(|e| e.to_string())?;
     let cfg = consumer::pull::OrderedConfig {
         deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
         ..Default::default()
     };
-    let mut messages = stream
-        .create_consumer(cfg)
-        .await
-        .map_err(|e| e.to_string())?
-        .messages()
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut messages = ordered_messages(&stream, cfg).await?;
     match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
         Ok(Some(Ok(m))) => {
             let seq = m
