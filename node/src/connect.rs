@@ -85,6 +85,10 @@ async fn options(
                         info!("reconnected to NATS");
                     }
                     Event::Disconnected => warn!("disconnected from NATS"),
+                    Event::ServerError(e) if is_permission_violation(&e) => {
+                        Metrics::inc(&metrics.nats_permission_violations_total);
+                        warn!(error = %e, "the NATS server refused a permission");
+                    }
                     other => info!(event = %other, "NATS event"),
                 }
             }
@@ -110,6 +114,12 @@ async fn options(
             .require_tls(true);
     }
     Ok(o)
+}
+
+/// Whether the server's error is a refused publish or subscription (`-ERR 'Permissions
+/// Violation for Publish to "…"'`).
+pub fn is_permission_violation(e: &async_nats::ServerError) -> bool {
+    matches!(e, async_nats::ServerError::Other(m) if m.to_ascii_lowercase().contains("permissions violation"))
 }
 
 /// Whether a connection error comes from the TLS layer (rustls): a certificate or protocol

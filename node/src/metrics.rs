@@ -156,6 +156,7 @@ metrics! {
     counter heartbeats_total: "Membership heartbeats written.",
     counter watch_restarts_total: "KV watches re-established after ending or failing.",
     counter nats_reconnects_total: "Reconnections to NATS.",
+    counter nats_permission_violations_total: "Publishes or subscriptions the NATS server refused for lack of permission.",
     counter supervisor_restarts_total: "Child actors restarted by the node supervisor.",
     counter slot_hosts_started_total: "Slot hosts started.",
     counter slot_hosts_stopped_total: "Slot hosts stopped.",

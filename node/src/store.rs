@@ -72,6 +72,13 @@ pub enum StoreError {
         /// The error.
         message: String,
     },
+    /// The server refused this node's JetStream requests for lack of permission: its user's
+    /// publish permissions leave out the JetStream API subjects tessel uses (retrying would
+    /// not help).
+    #[error(
+        "the NATS server refused a JetStream request for lack of permission (the log names the subject): the node's user needs publish on $JS.API.INFO and on the API subjects of tessel's streams (see deploy/nats/nats.conf, role NODE)"
+    )]
+    PermissionDenied,
 }
 
 fn js_err(what: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> StoreError {
@@ -89,13 +96,26 @@ fn js_err(what: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> Sto
 /// answered 503 ("JetStream system temporarily unavailable") once the server knows. A setup
 /// request sent then would sit out its whole timeout ([`SETUP_TIMEOUT`]) for nothing.
 /// Returns how long it waited; gives up after `limit` (the setup then reports what is wrong),
-/// and at once on any other answer, an error included (JetStream disabled, no permission).
-pub async fn wait_for_jetstream(client: &async_nats::Client, limit: Duration) -> Duration {
+/// and at once on any other answer, an error included (JetStream disabled). A probe the server
+/// refuses for lack of permission goes unanswered too (the refusal comes as a connection
+/// event, which the node counts in `metrics`): that is [`StoreError::PermissionDenied`] at
+/// once, not a wait.
+pub async fn wait_for_jetstream(
+    client: &async_nats::Client,
+    limit: Duration,
+    metrics: &Metrics,
+) -> Result<Duration, StoreError> {
     use jetstream::context::AccountErrorKind;
     let probe = jetstream::ContextBuilder::new()
         .timeout(READY_PROBE_TIMEOUT)
         .build(client.clone());
     let started = std::time::Instant::now();
+    let refused = || {
+        metrics
+            .nats_permission_violations_total
+            .load(Ordering::Relaxed)
+    };
+    let refused_before = refused();
     let mut waiting = false;
     while started.elapsed() < limit {
         let pause = match probe.query_account().await {
@@ -108,13 +128,16 @@ pub async fn wait_for_jetstream(client: &async_nats::Client, limit: Duration) ->
             // An answer, or no responders (JetStream is off): the setup says what is wrong.
             _ => break,
         };
+        if refused() > refused_before {
+            return Err(StoreError::PermissionDenied);
+        }
         if !waiting {
             warn!("JetStream does not answer yet (no meta leader?); waiting");
             waiting = true;
         }
         tokio::time::sleep(pause).await;
     }
-    started.elapsed()
+    Ok(started.elapsed())
 }
 
 /// Creates a stream, or binds the existing one of that name.
@@ -307,7 +330,13 @@ impl Store {
         let setup = jetstream::ContextBuilder::new()
             .timeout(SETUP_TIMEOUT)
             .build(client.clone());
-        let waited = wait_for_jetstream(&client, READY_LIMIT).await;
+        let refused = || {
+            metrics
+                .nats_permission_violations_total
+                .load(Ordering::Relaxed)
+        };
+        let refused_before = refused();
+        let waited = wait_for_jetstream(&client, READY_LIMIT, &metrics).await?;
         if waited >= READY_LIMIT {
             warn!(
                 ms = waited.as_millis() as u64,
@@ -339,6 +368,8 @@ impl Store {
             };
             match both.await {
                 Ok(v) => break v,
+                // The server refused a request of the setup (it goes unanswered): no retry.
+                Err(_) if refused() > refused_before => return Err(StoreError::PermissionDenied),
                 Err(e) if attempt < SETUP_ATTEMPTS => {
                     warn!(attempt, error = %e, "setting up the buckets failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
+use tessel_node::metrics::Metrics;
 use tessel_node::natsd::{NatsCluster, NatsOptions, find_nats_server};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -221,7 +222,12 @@ async fn setup_waits_until_jetstream_has_a_meta_leader() {
         .await
         .unwrap();
     let limit = Duration::from_secs(30);
-    assert!(tessel_node::store::wait_for_jetstream(&client, limit).await < limit);
+    assert!(
+        tessel_node::store::wait_for_jetstream(&client, limit, &Metrics::default())
+            .await
+            .unwrap()
+            < limit
+    );
     // One server of three: no quorum, so no meta leader and, once the survivor has noticed
     // (a meta leader answers from its own state until it steps down), no answer.
     cluster.kill(1).await.unwrap();
@@ -236,7 +242,9 @@ async fn setup_waits_until_jetstream_has_a_meta_leader() {
         sleep(Duration::from_millis(100)).await;
     }
     let short = Duration::from_secs(2);
-    let waited = tessel_node::store::wait_for_jetstream(&client, short).await;
+    let waited = tessel_node::store::wait_for_jetstream(&client, short, &Metrics::default())
+        .await
+        .unwrap();
     assert!(
         waited >= short,
         "answered without a quorum after {waited:?}"
@@ -244,7 +252,9 @@ async fn setup_waits_until_jetstream_has_a_meta_leader() {
     // Back to three: it returns once a meta leader answers, well before the limit.
     cluster.restart(1).await.unwrap();
     cluster.restart(2).await.unwrap();
-    let waited = tessel_node::store::wait_for_jetstream(&client, limit).await;
+    let waited = tessel_node::store::wait_for_jetstream(&client, limit, &Metrics::default())
+        .await
+        .unwrap();
     assert!(waited < limit, "JetStream never answered");
     let js = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(1))

@@ -152,6 +152,42 @@ fn an_nkey_seed_file_authenticates_and_a_wrong_seed_is_refused() {
     assert!(err.contains("node.nk") && err.contains("seed"), "{err}");
 }
 
+/// Users whose permissions leave out JetStream API subjects tessel needs: the server refuses
+/// the request on the connection (the request itself goes unanswered), and the node exits 3
+/// saying so, instead of waiting out the readiness limit and retrying its setup until it
+/// times out (two and a half minutes before). "narrow" may not use the API at all: refused
+/// at the readiness probe. "nostreams" may ask for account info but not create streams:
+/// refused after the setup's first attempt (its create and bind each wait out their timeout).
+#[test]
+fn users_without_jetstream_permissions_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_nats, url) = nats_with(
+        dir.path(),
+        r#"authorization { users: [
+            { user: "narrow", password: "pw", permissions: { publish: { deny: ["$JS.API.>"] } } },
+            { user: "nostreams", password: "pw", permissions: { publish: { deny: ["$JS.API.STREAM.>"] } } }
+        ] }"#,
+    );
+    for (user, within) in [
+        ("narrow", tessel_node::store::READY_LIMIT),
+        ("nostreams", Duration::from_secs(60)),
+    ] {
+        let cfg = dir.path().join(format!("{user}.toml"));
+        fs::write(&cfg, format!("user = {user:?}\npassword = \"pw\"\n")).unwrap();
+        let started = Instant::now();
+        let err = node_is_refused(&cfg, &url);
+        assert!(
+            err.contains("lack of permission") && err.contains("$JS.API"),
+            "{user}: {err}"
+        );
+        assert!(
+            started.elapsed() < within,
+            "{user}: refused only after {:?}",
+            started.elapsed()
+        );
+    }
+}
+
 #[test]
 fn a_missing_creds_file_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -141,7 +141,11 @@ async fn serve(cfg: NodeConfig) -> i32 {
         Err(e) => {
             error!("cannot set up the buckets: {e}");
             eprintln!("tessel node: cannot set up the buckets: {e}");
-            return 5;
+            // A refused permission, like refused credentials, is not cured by retrying.
+            return match e {
+                crate::store::StoreError::PermissionDenied => crate::connect::EXIT_AUTH,
+                _ => 5,
+            };
         }
     };
     let (found, cuda_unused) = gpu::discover_report();
