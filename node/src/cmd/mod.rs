@@ -8,6 +8,7 @@ pub mod actor;
 pub mod bench;
 pub mod branch;
 pub mod devices;
+pub mod guard;
 pub mod node;
 pub mod produce;
 pub mod replay;
@@ -47,6 +48,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Start a local cluster: NATS server(s) and nodes, until Ctrl-C.
     Up(up::UpArgs),
+    /// Stop `tessel up`'s servers and nodes if it dies without doing so (started by it).
+    #[command(hide = true)]
+    Guard(guard::GuardArgs),
 }
 
 /// The multi-threaded runtime of the long-running subcommands (two workers: a node's work is
@@ -80,5 +84,6 @@ pub fn main() -> ExitCode {
         Command::Sim(args) => sim::run(args),
         Command::Status(args) => status::run(args),
         Command::Up(args) => up::run(args),
+        Command::Guard(args) => guard::run(args),
     }
 }

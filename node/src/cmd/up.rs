@@ -86,6 +86,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     // The servers and nodes run in process groups of their own: a terminal's Ctrl-C reaches
     // only this process, which drains the nodes while the servers are still up, then stops them.
+    // Should this process die without doing so, the guard does it.
+    let bin = current_binary()?;
+    let mut guard = Guard::start(&bin)?;
     let mut nats = NatsCluster::start(
         NatsOptions::new(run_dir.join("nats"), binary)
             .with_servers(usize::from(args.servers))
@@ -94,8 +97,10 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     .await?;
     let url = nats.url();
     println!("tessel up: NATS at {url}");
+    for pid in (0..nats.len()).filter_map(|i| nats.pid(i)) {
+        guard.tell(&format!("server {pid}")).await;
+    }
 
-    let bin = current_binary()?;
     let replicas = if args.servers >= 3 { "3" } else { "1" };
     let mut nodes = Vec::new();
     let mut dashboards = Vec::new();
@@ -113,7 +118,11 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             log: run_dir.join(format!("{id}.log")),
             own_process_group: true,
         };
-        nodes.push(NodeProc::spawn(spec)?);
+        let node = NodeProc::spawn(spec)?;
+        if let Some(pid) = node.pid() {
+            guard.tell(&format!("node {pid}")).await;
+        }
+        nodes.push(node);
     }
     println!(
         "tessel up: nodes started; status below (also: tessel status --nats {url} --cluster {})",
@@ -218,6 +227,56 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     nats.stop().await?;
+    guard.done().await;
     println!("tessel up: stopped; nothing left running");
     Ok(())
+}
+
+/// The guard process (`tessel guard`, see `cmd/guard.rs`): told each process group this
+/// process starts, it stops them if this process ends without doing so.
+struct Guard {
+    child: tokio::process::Child,
+    input: Option<tokio::process::ChildStdin>,
+}
+
+impl Guard {
+    /// Starts the guard, in a process group of its own (a terminal's Ctrl-C is for
+    /// `tessel up`, which stops everything itself).
+    fn start(bin: &std::path::Path) -> std::io::Result<Guard> {
+        let mut child = tokio::process::Command::new(bin)
+            .arg("guard")
+            .process_group(0)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let input = child.stdin.take();
+        Ok(Guard { child, input })
+    }
+
+    /// Tells the guard one line; if it cannot be told (it has died), says so once.
+    async fn tell(&mut self, line: &str) {
+        use tokio::io::AsyncWriteExt;
+        let Some(input) = self.input.as_mut() else {
+            return;
+        };
+        if let Err(e) = input.write_all(format!("{line}\n").as_bytes()).await {
+            println!(
+                "tessel up: the guard is gone ({e}); a killed tessel up would leave its processes behind"
+            );
+            self.input = None;
+        }
+    }
+
+    /// Everything is stopped: the guard exits without doing anything.
+    async fn done(mut self) {
+        self.tell("done").await;
+        self.input = None;
+        if tokio::time::timeout(Duration::from_secs(5), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
 }
