@@ -330,15 +330,7 @@ async fn the_deploy_saga_serves_or_compensates_at_every_step() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_model_and_events_commands_keep_their_contract() {
     let (c, _) = started().await;
-    let nats = c.nats.url();
-    let run = |sub: &[&str]| {
-        let mut args: Vec<&str> = sub.to_vec();
-        args.extend(["--nats", nats.as_str(), "--cluster", "tessel"]);
-        std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
-            .args(&args)
-            .output()
-            .unwrap()
-    };
+    let run = |sub: &[&str]| common::tessel(&c, &[sub, &["--cluster", "tessel"]].concat());
     let out = run(&[
         "model", "create", "--name", "emb", "--rows", "10000", "--dim", "16",
     ]);

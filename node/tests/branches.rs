@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use actors::es::ActorKey;
-use common::{SETTLE, TestCluster};
+use common::{SETTLE, TestCluster, tessel};
 use serde_json::{Value, json};
 use tessel_node::client::ActorClient;
 use tessel_node::deltas::Producer;
@@ -16,35 +16,14 @@ use tessel_node::deltas::Producer;
 const ROWS: u64 = 2_048;
 const DIM: u32 = 2;
 
-fn tessel(c: &TestCluster, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
-        .args(args)
-        .args(["--nats", &c.nats.url()])
-        .output()
-        .unwrap()
-}
-
 fn stdout_json(out: &std::process::Output) -> Value {
     assert!(out.status.success(), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
 }
 
+/// Waits until `model` serves, asking it at most 400 times.
 async fn wait_serving(c: &TestCluster, model: &str) {
-    let actors = ActorClient::new(c.client.clone(), "tessel");
-    let key = ActorKey::new("model", model).unwrap();
-    for _ in 0..400 {
-        let (v, _) = actors
-            .ask(&key, &json!({"cmd": "describe"}), Duration::from_secs(10))
-            .await
-            .unwrap();
-        if v["state"] == "Serving" {
-            // Give the owners a moment to start their slot models.
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{model} never served");
+    common::wait_serving(c, model, 400).await;
 }
 
 async fn serving(c: &TestCluster, model: &str) {
@@ -59,6 +38,48 @@ async fn serving(c: &TestCluster, model: &str) {
         .await
         .unwrap();
     wait_serving(c, model).await;
+}
+
+/// Waits until every row of `model` has both columns equal to its value in `expect` (rows not
+/// named: 0); panics with the differences otherwise.
+async fn wait_rows(c: &TestCluster, model: &str, expect: &[(u32, f32)]) {
+    common::wait_equal(c, model, ROWS, &expect.iter().copied().collect()).await;
+}
+
+/// Starts one server and three nodes, waits until they settle, creates `model` and waits
+/// until it serves; returns the cluster and a producer of deltas to the model from node 1.
+async fn started(model: &str) -> (TestCluster, Producer) {
+    let c = TestCluster::start(1, 3).await;
+    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
+    serving(&c, model).await;
+    let p = producer(&c, model, 1);
+    (c, p)
+}
+
+/// Runs `tessel model branch` of `parent` as `name`, forking where `at` says (`--at-seq` or
+/// `--at-time` and its value), and returns its output.
+fn branch(c: &TestCluster, parent: &str, at: [&str; 2], name: &str) -> std::process::Output {
+    tessel(
+        c,
+        &["model", "branch", parent, at[0], at[1], "--name", name],
+    )
+}
+
+/// Branches `parent` at sequence `seq` as `name`, asserts that the command succeeded and
+/// waits until the branch serves.
+async fn branch_serving(c: &TestCluster, parent: &str, seq: u64, name: &str) {
+    let out = branch(c, parent, ["--at-seq", &seq.to_string()], name);
+    assert!(out.status.success(), "{out:?}");
+    wait_serving(c, name).await;
+}
+
+/// Asserts that `tessel replay --verify` rebuilds every slot of `model` as its live tables are.
+fn assert_replay_verifies(c: &TestCluster, model: &str) {
+    let v = stdout_json(&tessel(
+        c,
+        &["replay", "--model", model, "--verify", "--json", "--quiet"],
+    ));
+    assert_eq!(v["differing_slots"], json!([]));
 }
 
 /// The stderr of a `--quiet` replay.
@@ -99,54 +120,22 @@ async fn send(p: &mut Producer, updates: &[(u32, f32)]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
-    let c = TestCluster::start(1, 3).await;
-    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
-    serving(&c, "m").await;
-    let mut main = producer(&c, "m", 1);
+    let (c, mut main) = started("m").await;
     send(&mut main, &[(1, 1.0), (2, 1.0), (3, 1.0)]).await;
     let fork = last_seq(&c).await;
     // After the fork point: not in the branch.
     send(&mut main, &[(1, 10.0), (4, 10.0)]).await;
-    let out = tessel(
-        &c,
-        &[
-            "model",
-            "branch",
-            "m",
-            "--at-seq",
-            &fork.to_string(),
-            "--name",
-            "b",
-        ],
-    );
-    assert!(out.status.success(), "{out:?}");
-    wait_serving(&c, "b").await;
-    common::wait_equal(&c, "b", ROWS, &[(1, 1.0), (2, 1.0), (3, 1.0)].into()).await;
+    branch_serving(&c, "m", fork, "b").await;
+    wait_rows(&c, "b", &[(1, 1.0), (2, 1.0), (3, 1.0)]).await;
 
     // Deltas to the branch leave main alone; main goes on (row 2 changes on both sides).
     let mut side = producer(&c, "b", 2);
     send(&mut side, &[(2, 100.0), (5, 100.0)]).await;
     send(&mut main, &[(2, 10.0)]).await;
-    common::wait_equal(
-        &c,
-        "b",
-        ROWS,
-        &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0)].into(),
-    )
-    .await;
-    common::wait_equal(
-        &c,
-        "m",
-        ROWS,
-        &[(1, 11.0), (2, 11.0), (3, 1.0), (4, 10.0)].into(),
-    )
-    .await;
+    wait_rows(&c, "b", &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0)]).await;
+    wait_rows(&c, "m", &[(1, 11.0), (2, 11.0), (3, 1.0), (4, 10.0)]).await;
     // Replay rebuilds the branch from the fork state plus its own stream, bit for bit.
-    let v = stdout_json(&tessel(
-        &c,
-        &["replay", "--model", "b", "--verify", "--json", "--quiet"],
-    ));
-    assert_eq!(v["differing_slots"], json!([]));
+    assert_replay_verifies(&c, "b");
     // Without the branch's own checkpoints (written at the fork point when its owners
     // started), replay rebuilds the fork state from the parent's stream.
     let js = async_nats::jetstream::new(c.client.clone());
@@ -177,41 +166,19 @@ async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
     for n in &names {
         bucket.delete(n).await.unwrap();
     }
-    let v = stdout_json(&tessel(
-        &c,
-        &["replay", "--model", "b", "--verify", "--json", "--quiet"],
-    ));
-    assert_eq!(v["differing_slots"], json!([]));
+    assert_replay_verifies(&c, "b");
 
     // A branch of the branch starts from the branch's state (two generations up to m).
     let fork2 = last_seq(&c).await;
-    let out = tessel(
-        &c,
-        &[
-            "model",
-            "branch",
-            "b",
-            "--at-seq",
-            &fork2.to_string(),
-            "--name",
-            "b2",
-        ],
-    );
-    assert!(out.status.success(), "{out:?}");
-    wait_serving(&c, "b2").await;
+    branch_serving(&c, "b", fork2, "b2").await;
     send(&mut producer(&c, "b2", 3), &[(7, 1.0)]).await;
-    common::wait_equal(
+    wait_rows(
         &c,
         "b2",
-        ROWS,
-        &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0), (7, 1.0)].into(),
+        &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0), (7, 1.0)],
     )
     .await;
-    let v = stdout_json(&tessel(
-        &c,
-        &["replay", "--model", "b2", "--verify", "--json", "--quiet"],
-    ));
-    assert_eq!(v["differing_slots"], json!([]));
+    assert_replay_verifies(&c, "b2");
 
     // Merge (sum): main = main + the branch's change; row 2 is the one conflict.
     let v = stdout_json(&tessel(
@@ -225,27 +192,16 @@ async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
     assert_eq!(conflicts.len(), 1, "{v}");
     assert_eq!(conflicts[0]["row"], 2);
     assert_eq!(conflicts[0]["resolution"], "summed");
-    common::wait_equal(
+    wait_rows(
         &c,
         "m",
-        ROWS,
-        &[(1, 11.0), (2, 111.0), (3, 1.0), (4, 10.0), (5, 100.0)].into(),
+        &[(1, 11.0), (2, 111.0), (3, 1.0), (4, 10.0), (5, 100.0)],
     )
     .await;
     // The branch itself is unchanged.
-    common::wait_equal(
-        &c,
-        "b",
-        ROWS,
-        &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0)].into(),
-    )
-    .await;
+    wait_rows(&c, "b", &[(1, 1.0), (2, 101.0), (3, 1.0), (5, 100.0)]).await;
     // Main's replay still matches its live tables after the merge.
-    let v = stdout_json(&tessel(
-        &c,
-        &["replay", "--model", "m", "--verify", "--json", "--quiet"],
-    ));
-    assert_eq!(v["differing_slots"], json!([]));
+    assert_replay_verifies(&c, "m");
 
     // Refusals: a second merge, a model that is not a branch of the target, an unknown model.
     let again = tessel(&c, &["model", "merge", "b", "--into", "m", "--quiet"]);
@@ -258,43 +214,17 @@ async fn a_branch_starts_at_its_fork_point_and_a_sum_merge_adds_its_change() {
     assert_eq!(unknown.status.code(), Some(1), "{unknown:?}");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no model"));
     // A fork point past the stream's end is refused.
-    let past = tessel(
-        &c,
-        &[
-            "model",
-            "branch",
-            "m",
-            "--at-seq",
-            &(last_seq(&c).await + 100).to_string(),
-            "--name",
-            "late",
-        ],
-    );
+    let past_end = (last_seq(&c).await + 100).to_string();
+    let past = branch(&c, "m", ["--at-seq", &past_end], "late");
     assert_eq!(past.status.code(), Some(2), "{past:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_merge_keeps_the_newer_side_of_each_conflict() {
-    let c = TestCluster::start(1, 3).await;
-    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
-    serving(&c, "n").await;
-    let mut main = producer(&c, "n", 1);
+    let (c, mut main) = started("n").await;
     send(&mut main, &[(1, 1.0), (2, 1.0)]).await;
     let fork = last_seq(&c).await;
-    let out = tessel(
-        &c,
-        &[
-            "model",
-            "branch",
-            "n",
-            "--at-seq",
-            &fork.to_string(),
-            "--name",
-            "nb",
-        ],
-    );
-    assert!(out.status.success(), "{out:?}");
-    wait_serving(&c, "nb").await;
+    branch_serving(&c, "n", fork, "nb").await;
     let mut side = producer(&c, "nb", 2);
     // Row 2: main first, then the branch (the branch is newer).
     // Row 1: the branch first, then main (main is newer).
@@ -332,8 +262,8 @@ async fn a_newer_merge_keeps_the_newer_side_of_each_conflict() {
     assert_eq!(v["rows_merged"], 2, "{v}");
     // Row 2 becomes the branch's row (1 + 7), row 1 keeps main's (1 + 4), row 9 takes the
     // branch's change.
-    common::wait_equal(&c, "n", ROWS, &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
-    common::wait_equal(&c, "nb", ROWS, &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
+    wait_rows(&c, "n", &[(1, 5.0), (2, 8.0), (9, 2.0)]).await;
+    wait_rows(&c, "nb", &[(1, 4.0), (2, 8.0), (9, 2.0)]).await;
     // The owner of row 2's slot dies: the branch's slot moves and its new owner rebuilds it
     // from the branch's checkpoint and stream, not from the parent's later state.
     let mut c = c;
@@ -346,21 +276,18 @@ async fn a_newer_merge_keeps_the_newer_side_of_each_conflict() {
         .filter(|n| *n != owner)
         .collect();
     c.wait_settled_on(&rest, SETTLE).await;
-    common::wait_equal(&c, "nb", ROWS, &[(1, 4.0), (2, 8.0), (9, 2.0)].into()).await;
-    common::wait_equal(&c, "n", ROWS, &[(1, 5.0), (2, 8.0), (9, 2.0)].into()).await;
+    wait_rows(&c, "nb", &[(1, 4.0), (2, 8.0), (9, 2.0)]).await;
+    wait_rows(&c, "n", &[(1, 5.0), (2, 8.0), (9, 2.0)]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_to_a_time_stops_before_the_first_later_delta() {
-    let c = TestCluster::start(1, 3).await;
-    c.wait_settled_on(&["n1", "n2", "n3"], SETTLE).await;
-    serving(&c, "r").await;
-    let mut p = producer(&c, "r", 1);
+    let (c, mut p) = started("r").await;
     send(&mut p, &[(1, 1.0)]).await;
     let first = last_seq(&c).await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     send(&mut p, &[(1, 10.0)]).await;
-    common::wait_equal(&c, "r", ROWS, &[(1, 11.0)].into()).await;
+    wait_rows(&c, "r", &[(1, 11.0)]).await;
     // The server's timestamp of the first delta, in unix ms, plus one: at or after the first
     // delta, 50 ms before the second.
     let js = async_nats::jetstream::new(c.client.clone());
@@ -420,18 +347,7 @@ async fn replay_to_a_time_stops_before_the_first_later_delta() {
         11.0
     );
     // A branch can fork at a time too: the same sequence.
-    let out = tessel(
-        &c,
-        &[
-            "model",
-            "branch",
-            "r",
-            "--at-time",
-            &t_ms.to_string(),
-            "--name",
-            "rb",
-        ],
-    );
+    let out = branch(&c, "r", ["--at-time", &t_ms.to_string()], "rb");
     assert!(out.status.success(), "{out:?}");
     let actors = ActorClient::new(c.client.clone(), "tessel");
     let (d, _) = actors

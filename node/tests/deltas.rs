@@ -29,19 +29,7 @@ async fn serving_with(c: &TestCluster, model: &str, create: serde_json::Value) {
         .ask(&key, &create, Duration::from_secs(10))
         .await
         .unwrap();
-    for _ in 0..200 {
-        let (v, _) = actors
-            .ask(&key, &json!({"cmd": "describe"}), Duration::from_secs(10))
-            .await
-            .unwrap();
-        if v["state"] == "Serving" {
-            // Give the owners a moment to start their slot models.
-            tokio::time::sleep(Duration::from_millis(800)).await;
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{model} never served");
+    common::wait_serving(c, model, 200).await;
 }
 
 /// Publishes random 64-row batches of ones to `model` for `seconds` in a background task and
@@ -342,15 +330,7 @@ async fn a_device_lost_mid_run_loses_no_acknowledged_delta() {
 async fn a_model_that_fits_nowhere_fails_its_deploy_with_the_reason() {
     let c = TestCluster::start(1, 2).await;
     c.wait_settled_on(&["n1", "n2"], SETTLE).await;
-    let nats = c.nats.url();
-    let run = |sub: &[&str]| {
-        let mut args: Vec<&str> = sub.to_vec();
-        args.extend(["--nats", nats.as_str(), "--cluster", "tessel"]);
-        std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
-            .args(&args)
-            .output()
-            .unwrap()
-    };
+    let run = |sub: &[&str]| common::tessel(&c, &[sub, &["--cluster", "tessel"]].concat());
     // 2^32 rows × 65536 × 4 bytes = 1 PiB: more than any device here.
     let out = run(&[
         "model",

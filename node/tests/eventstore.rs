@@ -3,6 +3,8 @@
 //! snapshots plus tail, cluster namespaces, and typed errors for bad input.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::sync::Arc;
 
 use actors::es::{ActorKey, EventStore, InMemoryStore, NewEvent, Snapshot, StoreError};
@@ -10,7 +12,7 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use serde_json::json;
 use tessel_node::eventstore::{JetStreamEventStore, events_stream, snapshot_key};
-use tessel_node::natsd::{NatsCluster, NatsOptions, find_nats_server};
+use tessel_node::natsd::NatsCluster;
 use tokio::sync::Barrier;
 
 const MAX_EVENT_BYTES: usize = 4096;
@@ -22,13 +24,7 @@ struct Server {
 }
 
 async fn server() -> Server {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(NatsOptions::new(
-        dir.path(),
-        find_nats_server(true).unwrap(),
-    ))
-    .await
-    .unwrap();
+    let (dir, nats) = common::nats_server().await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     Server {
         _dir: dir,

@@ -2,6 +2,8 @@
 //! map key has not moved, because the write is one atomic batch with a check of the lease.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,7 +11,7 @@ use async_nats::jetstream::kv::Operation;
 use cluster::core::{KvOutcome, MapOutcome};
 use cluster::{Epoch, NodeId, Revision, SLOT_COUNT, ShardMap, Term};
 use tessel_node::metrics::Metrics;
-use tessel_node::natsd::{NatsCluster, NatsOptions, find_nats_server};
+use tessel_node::natsd::NatsCluster;
 use tessel_node::store::{LEASE_KEY, MAP_KEY, Store};
 
 fn map(epoch: u64, term: u64, owner: &NodeId) -> ShardMap {
@@ -23,13 +25,7 @@ fn map(epoch: u64, term: u64, owner: &NodeId) -> ShardMap {
 
 /// One nats-server (kept alive by the returned directory and cluster) and a client of it.
 async fn server() -> (tempfile::TempDir, NatsCluster, async_nats::Client) {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(NatsOptions::new(
-        dir.path(),
-        find_nats_server(true).unwrap(),
-    ))
-    .await
-    .unwrap();
+    let (dir, nats) = common::nats_server().await;
     let client = async_nats::connect(nats.url()).await.unwrap();
     (dir, nats, client)
 }

@@ -2,13 +2,15 @@
 //! it the node stops with exit code 70. And the HTTP endpoint of a running node.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tessel_node::config::NodeConfig;
 use tessel_node::metrics::Metrics;
-use tessel_node::natsd::{NatsCluster, NatsOptions, find_nats_server, free_port};
+use tessel_node::natsd::free_port;
 use tessel_node::records::{MemberRecord, SCHEMA_VERSION};
 use tessel_node::runtime::{self, EXIT_RESTARTS_EXHAUSTED, SupMsg};
 use tessel_node::store::Store;
@@ -16,13 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarts_are_counted_then_the_budget_stops_the_node() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(NatsOptions::new(
-        dir.path(),
-        find_nats_server(true).unwrap(),
-    ))
-    .await
-    .unwrap();
+    let (_dir, nats) = common::nats_server().await;
     let cfg = NodeConfig {
         node_id: "s1".into(),
         nats_urls: vec![nats.url()],
@@ -121,13 +117,7 @@ async fn get(port: u16, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_serves_metrics_and_status() {
-    let dir = tempfile::tempdir().unwrap();
-    let nats = NatsCluster::start(NatsOptions::new(
-        dir.path(),
-        find_nats_server(true).unwrap(),
-    ))
-    .await
-    .unwrap();
+    let (_dir, nats) = common::nats_server().await;
     let port = free_port().unwrap();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
         .args([

@@ -64,6 +64,21 @@ fn key(s: &str) -> Result<ActorKey, ExitCode> {
     })
 }
 
+/// Parses `actor` as a `kind/id` key and, on a new current-thread runtime, runs `body` with
+/// it and returns its exit code; a key that does not parse ends with exit code 2.
+fn on_actor(actor: &str, body: impl AsyncFnOnce(ActorKey) -> ExitCode) -> ExitCode {
+    let Some(rt) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    rt.block_on(async {
+        let actor = match key(actor) {
+            Ok(k) => k,
+            Err(c) => return c,
+        };
+        body(actor).await
+    })
+}
+
 fn ask_failed(e: &AskError) -> ExitCode {
     eprintln!("tessel: {e}");
     match e {
@@ -88,14 +103,7 @@ pub struct AskArgs {
 
 /// Runs `tessel ask`.
 pub fn ask(args: AskArgs) -> ExitCode {
-    let Some(rt) = runtime() else {
-        return ExitCode::FAILURE;
-    };
-    rt.block_on(async {
-        let actor = match key(&args.actor) {
-            Ok(k) => k,
-            Err(c) => return c,
-        };
+    on_actor(&args.actor, async |actor| {
         let command: Value = match serde_json::from_str(&args.command) {
             Ok(v) => v,
             Err(e) => {
@@ -137,14 +145,7 @@ pub struct EventsArgs {
 
 /// Runs `tessel events`.
 pub fn events(args: EventsArgs) -> ExitCode {
-    let Some(rt) = runtime() else {
-        return ExitCode::FAILURE;
-    };
-    rt.block_on(async {
-        let actor = match key(&args.actor) {
-            Ok(k) => k,
-            Err(c) => return c,
-        };
+    on_actor(&args.actor, async |actor| {
         let client = match args.target.connect().await {
             Ok(c) => c,
             Err(c) => return c,

@@ -1,4 +1,5 @@
-//! The test face of `tessel_node::localcluster`: panics instead of errors.
+//! The test face of `tessel_node::localcluster` and `tessel_node::natsd`: panics instead of
+//! errors.
 #![allow(
     dead_code,
     unused_imports,
@@ -9,8 +10,12 @@
 
 use std::time::Duration;
 
+use actors::es::ActorKey;
+use serde_json::json;
+use tessel_node::client::ActorClient;
 use tessel_node::localcluster::LocalCluster;
 pub use tessel_node::localcluster::{moved, slots_of};
+use tessel_node::natsd::{NatsCluster, NatsOptions, find_nats_server};
 use tessel_node::status::ClusterStatus;
 
 pub const SETTLE: Duration = Duration::from_secs(60);
@@ -146,4 +151,47 @@ pub async fn wait_equal(
         .map(|n| format!("--- {n}\n{}", c.log(n)))
         .collect();
     panic!("{last}\n{logs}");
+}
+
+/// Starts one nats-server in a new temporary directory and returns both; the server stops when
+/// the cluster is dropped, and its files go with the directory.
+pub async fn nats_server() -> (tempfile::TempDir, NatsCluster) {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(NatsOptions::new(
+        dir.path(),
+        find_nats_server(true).unwrap(),
+    ))
+    .await
+    .unwrap();
+    (dir, nats)
+}
+
+/// Runs the `tessel` binary with `args` and `--nats` set to the cluster's server, and returns
+/// its output.
+pub fn tessel(c: &TestCluster, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args(args)
+        .args(["--nats", &c.nats.url()])
+        .output()
+        .unwrap()
+}
+
+/// Asks `model` to describe itself every 50 ms, at most `tries` times, until it is serving,
+/// then gives its owners 800 ms to start their slot models; panics if it never serves.
+pub async fn wait_serving(c: &TestCluster, model: &str, tries: usize) {
+    let actors = ActorClient::new(c.client.clone(), "tessel");
+    let key = ActorKey::new("model", model).unwrap();
+    for _ in 0..tries {
+        let (v, _) = actors
+            .ask(&key, &json!({"cmd": "describe"}), Duration::from_secs(10))
+            .await
+            .unwrap();
+        if v["state"] == "Serving" {
+            // Give the owners a moment to start their slot models.
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{model} never served");
 }
