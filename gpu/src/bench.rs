@@ -14,7 +14,7 @@ use std::time::Instant;
 use crate::cpu;
 
 /// One measured figure.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct BenchRow {
     /// What was measured.
     pub name: String,
@@ -22,12 +22,28 @@ pub struct BenchRow {
     pub value: f64,
     /// Its unit.
     pub unit: String,
-    /// The limit it is compared with, measured in the same run.
+    /// What it is compared with: a limit measured in the same run, or a floor such as a
+    /// timeout.
     pub baseline: Option<String>,
-    /// The limit's figure, same unit.
+    /// The baseline's figure, in the same unit.
     pub baseline_value: Option<f64>,
-    /// `value / baseline_value`.
+    /// `value / baseline_value` (absent without a baseline or with a zero one).
     pub ratio: Option<f64>,
+}
+
+impl BenchRow {
+    /// Builds the figure `value` (in `unit`) named `name`, with its ratio to `baseline` (the
+    /// baseline's name and figure) when there is one.
+    pub fn new(name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>) -> Self {
+        BenchRow {
+            name: name.into(),
+            value,
+            unit: unit.into(),
+            baseline: baseline.map(|(b, _)| b.to_string()),
+            baseline_value: baseline.map(|(_, v)| v),
+            ratio: baseline.and_then(|(_, v)| (v != 0.0).then(|| value / v)),
+        }
+    }
 }
 
 /// The figures of one run and the benchmarks that could not run, with why.
@@ -44,17 +60,6 @@ pub struct BenchReport {
 pub struct BenchConfig {
     /// Smaller tables and fewer repetitions.
     pub quick: bool,
-}
-
-pub(crate) fn row(name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>) -> BenchRow {
-    BenchRow {
-        name: name.into(),
-        value,
-        unit: unit.into(),
-        baseline: baseline.map(|(b, _)| b.to_string()),
-        baseline_value: baseline.map(|(_, v)| v),
-        ratio: baseline.and_then(|(_, v)| (v > 0.0).then_some(value / v)),
-    }
 }
 
 /// Runs every benchmark this build and machine can run.
@@ -163,10 +168,15 @@ pub fn cpu_apply(cfg: BenchConfig) -> Vec<BenchRow> {
         }
     }
     let memcpy = 2.0 * src.len() as f64 / best_memcpy / 1e9;
-    let mut out = vec![row("host memcpy (read + write)", memcpy, "GB/s", None)];
+    let mut out = vec![BenchRow::new(
+        "host memcpy (read + write)",
+        memcpy,
+        "GB/s",
+        None,
+    )];
     for (k, th) in counts.into_iter().enumerate() {
         let bytes_s = (reps * batch * 3 * dim * 4) as f64 / best_apply[k] / 1e9;
-        out.push(row(
+        out.push(BenchRow::new(
             &format!("cpu twin apply, {th} thread(s)"),
             bytes_s,
             "GB/s",

@@ -5,28 +5,9 @@
 
 use std::ops::Range;
 
-/// Why an operation was refused.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum TableError {
-    /// A row outside the table.
-    #[error("row {row} outside {range:?}")]
-    Row {
-        /// The row.
-        row: u32,
-        /// The table's rows.
-        range: Range<u64>,
-    },
-    /// Values and rows disagree.
-    #[error("{values} values for {rows} rows of dim {dim}")]
-    Shape {
-        /// Values given.
-        values: usize,
-        /// Rows given.
-        rows: usize,
-        /// The table's dim.
-        dim: usize,
-    },
-}
+/// Why an operation was refused: the table's own error, of which the CPU twin returns only
+/// [`crate::Error::Row`] and [`crate::Error::Shape`].
+pub type TableError = crate::Error;
 
 /// Batches smaller than this are applied on the calling thread.
 pub const PARALLEL_MIN_ROWS: usize = 4_096;

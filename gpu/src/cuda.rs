@@ -22,7 +22,7 @@ use cudarc::driver::{
     HostSlice, LaunchConfig, PinnedHostSlice, PushKernelArg, sys,
 };
 
-use crate::bench::{BenchConfig, BenchRow, random_rows, row};
+use crate::bench::{BenchConfig, BenchRow, random_rows};
 use crate::table::{Error, TableConfig};
 use crate::{Device, DeviceKind};
 
@@ -827,7 +827,12 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
             best = best.min(s);
         }
         let d2d = 2.0 * (batch * dim * 4) as f64 / best / 1e9;
-        out.push(row("cuda d2d memcpy (read + write)", d2d, "GB/s", None));
+        out.push(BenchRow::new(
+            "cuda d2d memcpy (read + write)",
+            d2d,
+            "GB/s",
+            None,
+        ));
 
         // Scatter-add alone: the batch already on the device.
         // The bench holds its own staging, sized for its batches (the shared idle staging
@@ -861,7 +866,7 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
             best = best.min(s);
         }
         let scatter = batch as f64 * (3.0 * row_bytes + 4.0) / best / 1e9;
-        out.push(row(
+        out.push(BenchRow::new(
             "cuda scatter-add, 1M rows × dim 128",
             scatter,
             "GB/s",
@@ -887,7 +892,7 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
         }
         let batch_bytes = (batch * (dim + 1) * 4) as f64;
         let h2d = batch_bytes / best / 1e9;
-        out.push(row("cuda pinned h2d memcpy", h2d, "GB/s", None));
+        out.push(BenchRow::new("cuda pinned h2d memcpy", h2d, "GB/s", None));
 
         // The feed: batches from pageable host memory through the double-buffered pipeline.
         let feed_batches = 4;
@@ -901,7 +906,7 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
             best = best.min(t0.elapsed().as_secs_f64());
         }
         let feed = feed_batches as f64 * batch_bytes / best / 1e9;
-        out.push(row(
+        out.push(BenchRow::new(
             "cuda feed (h2d + apply), 4 batches",
             feed,
             "GB/s",
@@ -974,9 +979,14 @@ fn small_windows(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, Err
         lat.sort_by(f64::total_cmp);
         let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
         let what = format!("cuda apply of a 64-row window, {threads} thread(s)");
-        out.push(row(&format!("{what}, p50"), pct(0.5), "µs", None));
-        out.push(row(&format!("{what}, p99"), pct(0.99), "µs", None));
-        out.push(row(
+        out.push(BenchRow::new(&format!("{what}, p50"), pct(0.5), "µs", None));
+        out.push(BenchRow::new(
+            &format!("{what}, p99"),
+            pct(0.99),
+            "µs",
+            None,
+        ));
+        out.push(BenchRow::new(
             &format!("{what}, windows/s"),
             lat.len() as f64 / wall,
             "1/s",

@@ -59,15 +59,6 @@ pub enum Error {
     Driver(String),
 }
 
-impl From<cpu::TableError> for Error {
-    fn from(e: cpu::TableError) -> Self {
-        match e {
-            cpu::TableError::Row { row, range } => Error::Row { row, range },
-            cpu::TableError::Shape { values, rows, dim } => Error::Shape { values, rows, dim },
-        }
-    }
-}
-
 /// Limits and tuning of a table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableConfig {

@@ -12,35 +12,8 @@ use serde::Serialize;
 use crate::config::NodeConfig;
 use crate::localcluster::{LocalCluster, leader, moved};
 
-/// One measured figure.
-#[derive(Clone, Debug, Serialize)]
-pub struct BenchResult {
-    /// What was measured.
-    pub name: String,
-    /// The figure.
-    pub value: f64,
-    /// Its unit.
-    pub unit: String,
-    /// What it is compared with.
-    pub baseline: Option<String>,
-    /// The baseline's figure, in the same unit.
-    pub baseline_value: Option<f64>,
-    /// value / baseline_value.
-    pub ratio: Option<f64>,
-}
-
-impl BenchResult {
-    fn new(name: &str, value: f64, unit: &str, baseline: Option<(&str, f64)>) -> Self {
-        BenchResult {
-            name: name.into(),
-            value,
-            unit: unit.into(),
-            baseline: baseline.map(|(b, _)| b.to_string()),
-            baseline_value: baseline.map(|(_, v)| v),
-            ratio: baseline.and_then(|(_, v)| (v != 0.0).then(|| value / v)),
-        }
-    }
-}
+/// One measured figure: the `gpu` crate's, so that its kernel figures join these as they are.
+pub use gpu::bench::BenchRow as BenchResult;
 
 /// The whole run.
 #[derive(Clone, Debug, Serialize)]

@@ -129,19 +129,7 @@ fn finish(args: &BenchArgs, report: &BenchReport) -> ExitCode {
 /// The kernel benchmarks of `gpu` as bench results, and the figures it skipped (with why).
 fn gpu_results(quick: bool) -> (Vec<BenchResult>, Vec<String>) {
     let gpu_report = gpu::bench::run(gpu::bench::BenchConfig { quick });
-    let results = gpu_report
-        .rows
-        .into_iter()
-        .map(|r| crate::bench::BenchResult {
-            name: r.name,
-            value: r.value,
-            unit: r.unit,
-            baseline: r.baseline,
-            baseline_value: r.baseline_value,
-            ratio: r.ratio,
-        })
-        .collect();
-    (results, gpu_report.skipped)
+    (gpu_report.rows, gpu_report.skipped)
 }
 
 /// The machine line, with the CUDA devices found.
