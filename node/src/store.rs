@@ -110,12 +110,7 @@ pub async fn wait_for_jetstream(
         .timeout(READY_PROBE_TIMEOUT)
         .build(client.clone());
     let started = std::time::Instant::now();
-    let refused = || {
-        metrics
-            .nats_permission_violations_total
-            .load(Ordering::Relaxed)
-    };
-    let refused_before = refused();
+    let refused_before = refusals(metrics);
     let mut waiting = false;
     while started.elapsed() < limit {
         let pause = match probe.query_account().await {
@@ -128,7 +123,7 @@ pub async fn wait_for_jetstream(
             // An answer, or no responders (JetStream is off): the setup says what is wrong.
             _ => break,
         };
-        if refused() > refused_before {
+        if refusals(metrics) > refused_before {
             return Err(StoreError::PermissionDenied);
         }
         if !waiting {
@@ -138,6 +133,14 @@ pub async fn wait_for_jetstream(
         tokio::time::sleep(pause).await;
     }
     Ok(started.elapsed())
+}
+
+/// How many requests or subscriptions the server has refused this node for lack of
+/// permission (counted by the connection's event handler).
+fn refusals(metrics: &Metrics) -> u64 {
+    metrics
+        .nats_permission_violations_total
+        .load(Ordering::Relaxed)
 }
 
 /// Creates a stream, or binds the existing one of that name.
@@ -330,12 +333,7 @@ impl Store {
         let setup = jetstream::ContextBuilder::new()
             .timeout(SETUP_TIMEOUT)
             .build(client.clone());
-        let refused = || {
-            metrics
-                .nats_permission_violations_total
-                .load(Ordering::Relaxed)
-        };
-        let refused_before = refused();
+        let refused_before = refusals(&metrics);
         let waited = wait_for_jetstream(&client, READY_LIMIT, &metrics).await?;
         if waited >= READY_LIMIT {
             warn!(
@@ -369,7 +367,9 @@ impl Store {
             match both.await {
                 Ok(v) => break v,
                 // The server refused a request of the setup (it goes unanswered): no retry.
-                Err(_) if refused() > refused_before => return Err(StoreError::PermissionDenied),
+                Err(_) if refusals(&metrics) > refused_before => {
+                    return Err(StoreError::PermissionDenied);
+                }
                 Err(e) if attempt < SETUP_ATTEMPTS => {
                     warn!(attempt, error = %e, "setting up the buckets failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500 * u64::from(attempt))).await;
