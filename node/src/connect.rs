@@ -118,7 +118,7 @@ async fn options(
 
 /// Whether the server's error is a refused publish or subscription (`-ERR 'Permissions
 /// Violation for Publish to "…"'`).
-pub fn is_permission_violation(e: &async_nats::ServerError) -> bool {
+fn is_permission_violation(e: &async_nats::ServerError) -> bool {
     matches!(e, async_nats::ServerError::Other(m) if m.to_ascii_lowercase().contains("permissions violation"))
 }
 

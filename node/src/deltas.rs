@@ -1971,16 +1971,7 @@ async fn replay_states(
         };
         work.insert(k, (slot, table));
     }
-    let done = replay_pass(template, &me.model, work, workers, progress).await?;
-    let mut out = BTreeMap::new();
-    for (k, (s, table)) in done {
-        let table = match table {
-            Some(t) => t,
-            None => zero_table(template.rows, template.dim as usize, k)?,
-        };
-        out.insert(k, (table, s.position, s.chains));
-    }
-    Ok(out)
+    replay_pass(template, &me.model, work, workers, progress).await
 }
 
 /// A slot of a replay: its pass state and its table (`None` until a zero table is made for
@@ -2009,7 +2000,7 @@ async fn replay_pass(
     slots: BTreeMap<u16, ReplaySlot>,
     workers: usize,
     progress: &mut (dyn FnMut(&ScanProgress) + Send),
-) -> Result<BTreeMap<u16, ReplaySlot>, String> {
+) -> Result<BTreeMap<u16, SlotState>, String> {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let workers = workers.clamp(1, slots.len().max(1));
     let mut shards: Vec<BTreeMap<u16, ReplaySlot>> =
@@ -2129,7 +2120,8 @@ async fn hand_over(
 }
 
 /// A replay worker (see [`replay_pass`]): applies the batches routed to its `shard` until the
-/// router closes the channel, making zero tables whenever it has nothing to apply.
+/// router closes the channel, making zero tables whenever it has nothing to apply; then its
+/// slots' states, each with its table.
 fn replay_worker(
     mut shard: BTreeMap<u16, ReplaySlot>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<ReplayBatch>,
@@ -2138,7 +2130,7 @@ fn replay_worker(
     applied: &std::sync::atomic::AtomicU64,
     stop: &std::sync::atomic::AtomicBool,
     queued: &tokio::sync::Semaphore,
-) -> Result<BTreeMap<u16, ReplaySlot>, String> {
+) -> Result<BTreeMap<u16, SlotState>, String> {
     use std::sync::atomic::Ordering;
     use tokio::sync::mpsc::error::TryRecvError;
     let mut unmade: Vec<u16> = shard
@@ -2190,12 +2182,15 @@ fn replay_worker(
     if stop.load(Ordering::Relaxed) {
         return Err("the replay stopped".into());
     }
-    for (&k, (_, table)) in shard.iter_mut() {
-        if table.is_none() {
-            *table = Some(zero_table(rows, dim, k)?);
-        }
+    let mut done = BTreeMap::new();
+    for (k, (slot, table)) in shard {
+        let table = match table {
+            Some(t) => t,
+            None => zero_table(rows, dim, k)?,
+        };
+        done.insert(k, (table, slot.position, slot.chains));
     }
-    Ok(shard)
+    Ok(done)
 }
 
 /// A zero table for slot `k` of a `rows × dim` model.
