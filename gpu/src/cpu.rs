@@ -5,6 +5,9 @@
 
 use std::ops::Range;
 
+pub use crate::slab::SLAB_BYTES;
+use crate::slab::{Store, zeroed_shares};
+
 /// Why an operation was refused: the table's own error, of which the CPU twin returns only
 /// [`crate::Error::Row`] and [`crate::Error::Shape`].
 pub type TableError = crate::Error;
@@ -17,7 +20,7 @@ pub const PARALLEL_MIN_ROWS: usize = 4_096;
 pub struct Table {
     first: u64,
     dim: usize,
-    data: Vec<f32>,
+    data: Store,
 }
 
 impl Table {
@@ -29,7 +32,10 @@ impl Table {
             Err(_) => Table {
                 first: rows.start,
                 dim,
-                data: vec![0.0; (rows.end.saturating_sub(rows.start)) as usize * dim],
+                data: Store::Own(vec![
+                    0.0;
+                    (rows.end.saturating_sub(rows.start)) as usize * dim
+                ]),
             },
         }
     }
@@ -47,8 +53,50 @@ impl Table {
         Ok(Table {
             first: rows.start,
             dim,
-            data,
+            data: Store::Own(data),
         })
+    }
+
+    /// Zeroed tables for each of `ranges`, all of `dim` columns: the small ones (below
+    /// [`HUGE_PAGES_MIN_BYTES`]) cut from shared slabs of at most [`SLAB_BYTES`] backed by
+    /// transparent huge pages, the others each made as [`Table::try_zeros`]. Making many small
+    /// tables fresh this way costs a page fault per 2 MiB instead of per 4 KiB; a slab's memory
+    /// is returned when the last of its tables is dropped. `Err(bytes)` as `try_zeros`.
+    pub fn try_zeros_many(ranges: &[Range<u64>], dim: usize) -> Result<Vec<Self>, u64> {
+        let mut out = Vec::with_capacity(ranges.len());
+        let mut group: Vec<(u64, usize)> = Vec::new();
+        let mut group_bytes = 0usize;
+        let flush = |group: &mut Vec<(u64, usize)>, out: &mut Vec<Table>| -> Result<(), u64> {
+            let lens: Vec<usize> = group.iter().map(|&(_, len)| len).collect();
+            let shares = zeroed_shares(&lens)?;
+            out.extend(group.drain(..).zip(shares).map(|((first, _), data)| Table {
+                first,
+                dim,
+                data,
+            }));
+            Ok(())
+        };
+        for rows in ranges {
+            let len = rows.end.saturating_sub(rows.start);
+            let values = len.checked_mul(dim as u64).ok_or(u64::MAX)?;
+            let bytes = values.saturating_mul(4);
+            let values = usize::try_from(values).map_err(|_| bytes)?;
+            let bytes = usize::try_from(bytes).map_err(|_| bytes)?;
+            if bytes >= HUGE_PAGES_MIN_BYTES {
+                flush(&mut group, &mut out)?;
+                group_bytes = 0;
+                out.push(Self::try_zeros(rows.clone(), dim)?);
+                continue;
+            }
+            if group_bytes + bytes > SLAB_BYTES {
+                flush(&mut group, &mut out)?;
+                group_bytes = 0;
+            }
+            group.push((rows.start, values));
+            group_bytes += bytes;
+        }
+        flush(&mut group, &mut out)?;
+        Ok(out)
     }
 
     /// Replaces the values with `data`, which must have exactly `data().len()` values (the
@@ -397,6 +445,40 @@ mod tests {
             Err(TableError::Shape { .. })
         ));
         assert_eq!(b, before);
+    }
+
+    #[test]
+    fn tables_made_together_are_the_tables_made_alone() {
+        // Small tables share slabs (two slabs' worth here), a large one is made alone, and an
+        // empty range is an empty table.
+        let dim = 64;
+        let mut ranges: Vec<Range<u64>> = (0..40u64).map(|i| i * 4_096..(i + 1) * 4_096).collect();
+        ranges.push(1 << 30..(1 << 30) + 20_000);
+        ranges.push(7..7);
+        let mut many = Table::try_zeros_many(&ranges, dim).unwrap();
+        assert_eq!(many.len(), ranges.len());
+        for (t, r) in many.iter().zip(&ranges) {
+            assert_eq!(t, &Table::zeros(r.clone(), dim));
+        }
+        // Each is a table of its own: writing one leaves its neighbours zero.
+        let rows: Vec<u32> = vec![4_096, 8_191];
+        let values = vec![1.5f32; rows.len() * dim];
+        many[1].apply(&rows, &values, 1).unwrap();
+        let mut alone = Table::zeros(4_096..8_192, dim);
+        alone.apply(&rows, &values, 1).unwrap();
+        assert_eq!(many[1], alone);
+        assert!(
+            many[0]
+                .data()
+                .iter()
+                .chain(many[2].data())
+                .all(|&v| v == 0.0)
+        );
+        // Dropping some keeps the others (their slab lives on).
+        let kept = many.split_off(30);
+        drop(many);
+        assert!(kept[0].data().iter().all(|&v| v == 0.0));
+        assert_eq!(kept[0].rows(), 30 * 4_096..31 * 4_096);
     }
 
     #[test]

@@ -9,14 +9,16 @@
 //! error gives the CPU alone and a reason. **Boundary:** knows nothing of NATS, slots or models.
 //!
 //! Modules: [`cpu`] (the CPU twin), [`table`] (one table API over every device kind),
-//! [`placement`] (does a model fit a device), [`bench`] (kernel benchmarks), and `cuda` (CUDA
-//! discovery, kernels and tables; only with the `cuda` feature).
+//! [`placement`] (does a model fit a device), [`bench`] (kernel benchmarks), `slab` (huge-page
+//! slabs that small CPU tables are cut from), and `cuda` (CUDA discovery, kernels and tables;
+//! only with the `cuda` feature).
 
 pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod placement;
+mod slab;
 pub mod table;
 
 pub use placement::{Dtype, Requirements, Unfit, check, choose};

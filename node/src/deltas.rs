@@ -2144,11 +2144,8 @@ fn replay_worker(
             Ok(b) => b,
             Err(TryRecvError::Disconnected) => break,
             Err(TryRecvError::Empty) => {
-                if let Some(k) = unmade.pop()
-                    && let Some((_, table @ None)) = shard.get_mut(&k)
-                    && !stop.load(Ordering::Relaxed)
-                {
-                    *table = Some(zero_table(rows, dim, k)?);
+                if !unmade.is_empty() && !stop.load(Ordering::Relaxed) {
+                    make_tables(&mut shard, &mut unmade, None, rows, dim)?;
                     continue;
                 }
                 match rx.blocking_recv() {
@@ -2159,17 +2156,16 @@ fn replay_worker(
         };
         let n = batch.len();
         for (k, seq, payload) in batch {
-            let Some((slot, table)) = shard.get_mut(&k) else {
+            if shard.get(&k).is_some_and(|(_, t)| t.is_none()) {
+                make_tables(&mut shard, &mut unmade, Some(k), rows, dim)?;
+            }
+            let Some((slot, Some(table))) = shard.get_mut(&k) else {
                 continue;
             };
             let Some((f, raw)) = slot.take(seq, &payload, true, &mut ids, &mut values) else {
                 continue;
             };
             applied.fetch_add(u64::from(f.count), Ordering::Relaxed);
-            let table = match table {
-                Some(t) => t,
-                None => table.insert(zero_table(rows, dim, k)?),
-            };
             if raw {
                 table.apply_le(&ids, f.value_bytes())
             } else {
@@ -2182,22 +2178,59 @@ fn replay_worker(
     if stop.load(Ordering::Relaxed) {
         return Err("the replay stopped".into());
     }
+    while !unmade.is_empty() {
+        make_tables(&mut shard, &mut unmade, None, rows, dim)?;
+    }
     let mut done = BTreeMap::new();
     for (k, (slot, table)) in shard {
-        let table = match table {
-            Some(t) => t,
-            None => zero_table(rows, dim, k)?,
+        let Some(table) = table else {
+            return Err(format!("slot {k}: no table was made for it"));
         };
         done.insert(k, (table, slot.position, slot.chains));
     }
     Ok(done)
 }
 
-/// A zero table for slot `k` of a `rows × dim` model.
-fn zero_table(rows: u64, dim: usize, k: u16) -> Result<Table, String> {
-    Slot::new(u64::from(k))
-        .map(|slot| Table::zeros(slot_rows(rows, slot), dim))
-        .map_err(|e| e.to_string())
+/// Makes the zero tables of up to one slab's worth (see [`gpu::cpu::SLAB_BYTES`]) of the
+/// shard's `unmade` slots, `first` among them when given, and takes them off the list: slot
+/// tables of a large model are small, and cut from one slab backed by huge pages they cost far
+/// fewer page faults than made one by one.
+fn make_tables(
+    shard: &mut BTreeMap<u16, ReplaySlot>,
+    unmade: &mut Vec<u16>,
+    first: Option<u16>,
+    rows: u64,
+    dim: usize,
+) -> Result<(), String> {
+    let table_bytes = usize::try_from(slot_rows(rows, Slot::from_hash(0)).end)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(dim)
+        .saturating_mul(4)
+        .max(1);
+    let per_slab = (gpu::cpu::SLAB_BYTES / table_bytes).max(1);
+    let mut slots = Vec::with_capacity(per_slab);
+    if let Some(k) = first {
+        unmade.retain(|&u| u != k);
+        slots.push(k);
+    }
+    while slots.len() < per_slab
+        && let Some(k) = unmade.pop()
+    {
+        slots.push(k);
+    }
+    let ranges = slots
+        .iter()
+        .map(|&k| Slot::new(u64::from(k)).map(|slot| slot_rows(rows, slot)))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let tables = Table::try_zeros_many(&ranges, dim)
+        .map_err(|bytes| format!("cannot allocate {bytes} bytes of replay tables"))?;
+    for (k, table) in slots.into_iter().zip(tables) {
+        if let Some((_, slot @ None)) = shard.get_mut(&k) {
+            *slot = Some(table);
+        }
+    }
+    Ok(())
 }
 
 /// What a model's stream changed after sequence `after`, through `through`, per row (values
