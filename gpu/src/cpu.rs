@@ -57,23 +57,35 @@ impl Table {
         })
     }
 
-    /// Zeroed tables for each of `ranges`, all of `dim` columns: the small ones (below
-    /// [`HUGE_PAGES_MIN_BYTES`]) cut from shared slabs of at most [`SLAB_BYTES`] backed by
-    /// transparent huge pages, the others each made as [`Table::try_zeros`]. Making many small
-    /// tables fresh this way costs a page fault per 2 MiB instead of per 4 KiB; a slab's memory
-    /// is returned when the last of its tables is dropped. `Err(bytes)` as `try_zeros`.
+    /// Zeroed tables for each of `ranges`, all of `dim` columns. Tables below 4 MiB are cut
+    /// from shared slabs of at most [`SLAB_BYTES`] backed by transparent huge pages, so that
+    /// making many of them fresh costs a page fault per 2 MiB instead of per 4 KiB; a slab's
+    /// memory is returned when the last of its tables is dropped. Larger tables, and groups
+    /// too small to fill a huge page, are made each on its own as [`Table::try_zeros`].
+    /// `Err(bytes)` as `try_zeros`.
     pub fn try_zeros_many(ranges: &[Range<u64>], dim: usize) -> Result<Vec<Self>, u64> {
         let mut out = Vec::with_capacity(ranges.len());
-        let mut group: Vec<(u64, usize)> = Vec::new();
+        // The small tables waiting for a slab: their ranges, values and bytes in all.
+        let mut group: Vec<(Range<u64>, usize)> = Vec::new();
         let mut group_bytes = 0usize;
-        let flush = |group: &mut Vec<(u64, usize)>, out: &mut Vec<Table>| -> Result<(), u64> {
-            let lens: Vec<usize> = group.iter().map(|&(_, len)| len).collect();
-            let shares = zeroed_shares(&lens)?;
-            out.extend(group.drain(..).zip(shares).map(|((first, _), data)| Table {
-                first,
-                dim,
-                data,
-            }));
+        let flush = |group: &mut Vec<(Range<u64>, usize)>,
+                     group_bytes: &mut usize,
+                     out: &mut Vec<Table>|
+         -> Result<(), u64> {
+            if *group_bytes < crate::slab::HUGE_PAGE_BYTES {
+                for (rows, _) in group.drain(..) {
+                    out.push(Table::try_zeros(rows, dim)?);
+                }
+            } else {
+                let lens: Vec<usize> = group.iter().map(|(_, len)| *len).collect();
+                let shares = zeroed_shares(&lens)?;
+                out.extend(group.drain(..).zip(shares).map(|((rows, _), data)| Table {
+                    first: rows.start,
+                    dim,
+                    data,
+                }));
+            }
+            *group_bytes = 0;
             Ok(())
         };
         for rows in ranges {
@@ -83,19 +95,17 @@ impl Table {
             let values = usize::try_from(values).map_err(|_| bytes)?;
             let bytes = usize::try_from(bytes).map_err(|_| bytes)?;
             if bytes >= HUGE_PAGES_MIN_BYTES {
-                flush(&mut group, &mut out)?;
-                group_bytes = 0;
+                flush(&mut group, &mut group_bytes, &mut out)?;
                 out.push(Self::try_zeros(rows.clone(), dim)?);
                 continue;
             }
             if group_bytes + bytes > SLAB_BYTES {
-                flush(&mut group, &mut out)?;
-                group_bytes = 0;
+                flush(&mut group, &mut group_bytes, &mut out)?;
             }
-            group.push((rows.start, values));
+            group.push((rows.clone(), values));
             group_bytes += bytes;
         }
-        flush(&mut group, &mut out)?;
+        flush(&mut group, &mut group_bytes, &mut out)?;
         Ok(out)
     }
 
@@ -474,6 +484,12 @@ mod tests {
                 .chain(many[2].data())
                 .all(|&v| v == 0.0)
         );
+        // A group too small to fill a huge page is made table by table.
+        let few = Table::try_zeros_many(&[0..10, 10..20], 4).unwrap();
+        assert_eq!(few, [Table::zeros(0..10, 4), Table::zeros(10..20, 4)]);
+        assert!(few.iter().all(|t| matches!(t.data, Store::Own(_))));
+        assert!(matches!(many[0].data, Store::Shared { .. }));
+        assert!(matches!(many[40].data, Store::Own(_)));
         // Dropping some keeps the others (their slab lives on).
         let kept = many.split_off(30);
         drop(many);

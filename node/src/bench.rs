@@ -264,7 +264,7 @@ fn event(n: u64) -> actors::es::NewEvent {
 
 async fn actor_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchResult>> {
     use actors::es::{ActorKey, EventStore, Snapshot};
-    use async_nats::jetstream::{self, consumer, stream};
+    use async_nats::jetstream::{self, stream};
     use futures::StreamExt;
     use std::sync::Arc;
 
@@ -368,23 +368,9 @@ async fn actor_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         count += 1;
     }
     let tessel = count as f64 / t0.elapsed().as_secs_f64();
-    let raw_stream = js.get_stream("rawbench").await?;
     let t0 = Instant::now();
-    let mut messages = raw_stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "rawbench.1.0".into(),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
-    let mut raw_count = 0u64;
-    while raw_count < count {
-        match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
-            Ok(Some(Ok(_))) => raw_count += 1,
-            _ => break,
-        }
-    }
+    let mut messages = ordered_reader(&js, "rawbench", "rawbench.1.0").await?;
+    let raw_count = count_messages(&mut messages, count, Duration::from_secs(10)).await;
     let raw = raw_count as f64 / t0.elapsed().as_secs_f64();
     eprintln!("bench: replay {count} events: tessel {tessel:.0}/s, raw {raw:.0}/s");
     out.push(BenchResult::new(
@@ -514,7 +500,7 @@ pub async fn raw(
 }
 
 async fn raw_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchResult>> {
-    use async_nats::jetstream::{self, consumer, stream};
+    use async_nats::jetstream::{self, stream};
     use futures::StreamExt;
     use futures::stream::FuturesUnordered;
 
@@ -588,23 +574,8 @@ async fn raw_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchR
         None,
     ));
     let t0 = Instant::now();
-    let mut messages = js
-        .get_stream("rawjs")
-        .await?
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "rawjs.a".into(),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
-    let mut read = 0u64;
-    while read < m {
-        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-            Ok(Some(Ok(_))) => read += 1,
-            _ => break,
-        }
-    }
+    let mut messages = ordered_reader(&js, "rawjs", "rawjs.a").await?;
+    let read = count_messages(&mut messages, m, Duration::from_secs(5)).await;
     let rate = read as f64 / t0.elapsed().as_secs_f64();
     eprintln!("bench: raw ordered consumer: {read} of {m} messages, {rate:.0} msg/s");
     out.push(BenchResult::new(
@@ -718,7 +689,7 @@ pub async fn deltas(
 
 async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchResult>> {
     use crate::deltas::{Producer, applied_subject};
-    use async_nats::jetstream::{self, consumer, stream};
+    use async_nats::jetstream;
     use futures::StreamExt;
 
     const DIM: u32 = 64;
@@ -771,14 +742,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     // (timed apart, so the baseline does not share this process's threads with itself). The
     // baseline is the rate of doing both, publish time plus consume time: on a machine whose
     // cores are all busy (nats-server, producer, consumer) overlapping the two adds no capacity.
-    js.create_stream(stream::Config {
-        name: "rawdelta".into(),
-        subjects: vec!["rawdelta.delta.>".into()],
-        max_message_size: i32::try_from(actors::frame::MAX_FRAME_BYTES).unwrap_or(i32::MAX),
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await?;
+    raw_delta_stream(&js, "rawdelta").await?;
     let mut raw_producer = Producer::new(js.clone(), "rawdelta", MODEL, rows, DIM, IN_FLIGHT, 1);
     let t0 = Instant::now();
     for batch in &workload {
@@ -788,23 +752,8 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     }
     let publish_rate = total_rows as f64 / t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    let mut raw_msgs = js
-        .get_stream("rawdelta")
-        .await?
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "rawdelta.delta.>".into(),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
-    let mut raw_frames = 0u64;
-    while raw_frames < total_frames {
-        match tokio::time::timeout(Duration::from_secs(10), raw_msgs.next()).await {
-            Ok(Some(Ok(_))) => raw_frames += 1,
-            _ => break,
-        }
-    }
+    let mut raw_msgs = ordered_reader(&js, "rawdelta", "rawdelta.delta.>").await?;
+    let raw_frames = count_messages(&mut raw_msgs, total_frames, Duration::from_secs(10)).await;
     anyhow::ensure!(
         raw_frames == total_frames,
         "raw consumer read {raw_frames} of {total_frames} frames"
@@ -820,35 +769,12 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     // reads them, timed until it has read the last: what the tessel pipeline does, less tessel.
     // Where cores are to spare, the server's writer and reader of one stream contend, and
     // publishing while a consumer reads is slower than publishing alone, which the sequential
-    // baseline above does not see. It also runs just before tessel's measurement, so that both
-    // follow a phase of the same size (on a VM whose memory grows as it is first used, the
-    // first phases to write fresh memory are slower).
-    js.create_stream(stream::Config {
-        name: "rawlive".into(),
-        subjects: vec!["rawlive.delta.>".into()],
-        max_message_size: i32::try_from(actors::frame::MAX_FRAME_BYTES).unwrap_or(i32::MAX),
-        allow_direct: true,
-        ..Default::default()
-    })
-    .await?;
-    let mut live_msgs = js
-        .get_stream("rawlive")
-        .await?
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "rawlive.delta.>".into(),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
+    // baseline above does not see. It runs just before tessel's phase (which, on the 16-core
+    // VM of docs/benchmarks.md, ran faster after it than after the sequential one alone).
+    raw_delta_stream(&js, "rawlive").await?;
+    let mut live_msgs = ordered_reader(&js, "rawlive", "rawlive.delta.>").await?;
     let reader = tokio::spawn(async move {
-        let mut frames = 0u64;
-        while frames < total_frames {
-            match tokio::time::timeout(Duration::from_secs(10), live_msgs.next()).await {
-                Ok(Some(Ok(_))) => frames += 1,
-                _ => break,
-            }
-        }
+        let frames = count_messages(&mut live_msgs, total_frames, Duration::from_secs(10)).await;
         (frames, Instant::now())
     });
     let mut live_producer = Producer::new(js.clone(), "rawlive", MODEL, rows, DIM, IN_FLIGHT, 1);
@@ -1163,23 +1089,19 @@ async fn replay_figures(
 /// Reads `model`'s deltas with a raw ordered consumer (frame headers decoded, nothing
 /// applied): (rows, rows/s).
 async fn raw_read(js: &async_nats::jetstream::Context, model: &str) -> anyhow::Result<(u64, f64)> {
-    use async_nats::jetstream::consumer;
     use futures::StreamExt;
 
-    let stream = js
-        .get_stream(crate::deltas::deltas_stream("tessel"))
-        .await?;
-    let end = stream.get_info().await?.state.last_sequence;
+    let stream_name = crate::deltas::deltas_stream("tessel");
+    let end = js
+        .get_stream(&stream_name)
+        .await?
+        .get_info()
+        .await?
+        .state
+        .last_sequence;
     let t0 = Instant::now();
     let mut raw_rows = 0u64;
-    let mut messages = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("tessel.delta.{model}.*"),
-            ..Default::default()
-        })
-        .await?
-        .messages()
-        .await?;
+    let mut messages = ordered_reader(js, &stream_name, &format!("tessel.delta.{model}.*")).await?;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await
     {
         raw_rows += actors::frame::Frame::decode(&m.payload).map_or(0, |f| u64::from(f.count));
@@ -1189,6 +1111,55 @@ async fn raw_read(js: &async_nats::jetstream::Context, model: &str) -> anyhow::R
         }
     }
     Ok((raw_rows, raw_rows as f64 / t0.elapsed().as_secs_f64()))
+}
+
+/// A fresh plain stream `name` (subjects `name.delta.>`, frames up to the frame limit) for the
+/// raw delta baselines.
+async fn raw_delta_stream(js: &async_nats::jetstream::Context, name: &str) -> anyhow::Result<()> {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: name.into(),
+        subjects: vec![format!("{name}.delta.>")],
+        max_message_size: i32::try_from(actors::frame::MAX_FRAME_BYTES).unwrap_or(i32::MAX),
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await?;
+    Ok(())
+}
+
+/// An ordered consumer's messages of `subject` on `stream`, from the start.
+async fn ordered_reader(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    subject: &str,
+) -> anyhow::Result<async_nats::jetstream::consumer::pull::Ordered> {
+    Ok(js
+        .get_stream(stream)
+        .await?
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
+            filter_subject: subject.into(),
+            ..Default::default()
+        })
+        .await?
+        .messages()
+        .await?)
+}
+
+/// Reads up to `n` messages, giving up after `wait` without one: how many came.
+async fn count_messages(
+    messages: &mut async_nats::jetstream::consumer::pull::Ordered,
+    n: u64,
+    wait: Duration,
+) -> u64 {
+    use futures::StreamExt;
+    let mut read = 0u64;
+    while read < n {
+        match tokio::time::timeout(wait, messages.next()).await {
+            Ok(Some(Ok(_))) => read += 1,
+            _ => break,
+        }
+    }
+    read
 }
 
 #[cfg(test)]
