@@ -368,8 +368,9 @@ async fn actor_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         count += 1;
     }
     let tessel = count as f64 / t0.elapsed().as_secs_f64();
+    let raw_stream = js.get_stream("rawbench").await?;
     let t0 = Instant::now();
-    let mut messages = ordered_reader(&js, "rawbench", "rawbench.1.0").await?;
+    let mut messages = ordered_reader(&raw_stream, "rawbench.1.0").await?;
     let raw_count = count_messages(&mut messages, count, Duration::from_secs(10)).await;
     let raw = raw_count as f64 / t0.elapsed().as_secs_f64();
     eprintln!("bench: replay {count} events: tessel {tessel:.0}/s, raw {raw:.0}/s");
@@ -574,7 +575,7 @@ async fn raw_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchR
         None,
     ));
     let t0 = Instant::now();
-    let mut messages = ordered_reader(&js, "rawjs", "rawjs.a").await?;
+    let mut messages = ordered_reader(&js.get_stream("rawjs").await?, "rawjs.a").await?;
     let read = count_messages(&mut messages, m, Duration::from_secs(5)).await;
     let rate = read as f64 / t0.elapsed().as_secs_f64();
     eprintln!("bench: raw ordered consumer: {read} of {m} messages, {rate:.0} msg/s");
@@ -752,7 +753,8 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     }
     let publish_rate = total_rows as f64 / t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
-    let mut raw_msgs = ordered_reader(&js, "rawdelta", "rawdelta.delta.>").await?;
+    let mut raw_msgs =
+        ordered_reader(&js.get_stream("rawdelta").await?, "rawdelta.delta.>").await?;
     let raw_frames = count_messages(&mut raw_msgs, total_frames, Duration::from_secs(10)).await;
     anyhow::ensure!(
         raw_frames == total_frames,
@@ -772,7 +774,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     // baseline above does not see. It runs just before tessel's phase (which, on the 16-core
     // VM of docs/benchmarks.md, ran faster after it than after the sequential one alone).
     raw_delta_stream(&js, "rawlive").await?;
-    let mut live_msgs = ordered_reader(&js, "rawlive", "rawlive.delta.>").await?;
+    let mut live_msgs = ordered_reader(&js.get_stream("rawlive").await?, "rawlive.delta.>").await?;
     let reader = tokio::spawn(async move {
         let frames = count_messages(&mut live_msgs, total_frames, Duration::from_secs(10)).await;
         (frames, Instant::now())
@@ -1091,17 +1093,13 @@ async fn replay_figures(
 async fn raw_read(js: &async_nats::jetstream::Context, model: &str) -> anyhow::Result<(u64, f64)> {
     use futures::StreamExt;
 
-    let stream_name = crate::deltas::deltas_stream("tessel");
-    let end = js
-        .get_stream(&stream_name)
-        .await?
-        .get_info()
-        .await?
-        .state
-        .last_sequence;
+    let stream = js
+        .get_stream(crate::deltas::deltas_stream("tessel"))
+        .await?;
+    let end = stream.get_info().await?.state.last_sequence;
     let t0 = Instant::now();
     let mut raw_rows = 0u64;
-    let mut messages = ordered_reader(js, &stream_name, &format!("tessel.delta.{model}.*")).await?;
+    let mut messages = ordered_reader(&stream, &format!("tessel.delta.{model}.*")).await?;
     while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), messages.next()).await
     {
         raw_rows += actors::frame::Frame::decode(&m.payload).map_or(0, |f| u64::from(f.count));
@@ -1129,13 +1127,10 @@ async fn raw_delta_stream(js: &async_nats::jetstream::Context, name: &str) -> an
 
 /// An ordered consumer's messages of `subject` on `stream`, from the start.
 async fn ordered_reader(
-    js: &async_nats::jetstream::Context,
-    stream: &str,
+    stream: &async_nats::jetstream::stream::Stream,
     subject: &str,
 ) -> anyhow::Result<async_nats::jetstream::consumer::pull::Ordered> {
-    Ok(js
-        .get_stream(stream)
-        .await?
+    Ok(stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             filter_subject: subject.into(),
             ..Default::default()
