@@ -42,12 +42,10 @@ impl Table {
 
     /// A zeroed table, or the bytes it would need when the allocator refuses them.
     pub fn try_zeros(rows: Range<u64>, dim: usize) -> Result<Self, u64> {
-        let len = rows.end.saturating_sub(rows.start);
-        let values = len.checked_mul(dim as u64).ok_or(u64::MAX)?;
-        let bytes = values.saturating_mul(4);
-        let values = usize::try_from(values).map_err(|_| bytes)?;
+        let values = values_of(&rows, dim)?;
         let mut data = Vec::new();
-        data.try_reserve_exact(values).map_err(|_| bytes)?;
+        data.try_reserve_exact(values)
+            .map_err(|_| (values as u64).saturating_mul(4))?;
         advise_huge_pages(&mut data);
         data.resize(values, 0.0);
         Ok(Table {
@@ -89,11 +87,8 @@ impl Table {
             Ok(())
         };
         for rows in ranges {
-            let len = rows.end.saturating_sub(rows.start);
-            let values = len.checked_mul(dim as u64).ok_or(u64::MAX)?;
+            let values = values_of(rows, dim)?;
             let bytes = values.saturating_mul(4);
-            let values = usize::try_from(values).map_err(|_| bytes)?;
-            let bytes = usize::try_from(bytes).map_err(|_| bytes)?;
             if bytes >= HUGE_PAGES_MIN_BYTES {
                 flush(&mut group, &mut group_bytes, &mut out)?;
                 out.push(Self::try_zeros(rows.clone(), dim)?);
@@ -240,33 +235,21 @@ impl Table {
 /// Tables at least this large ask for transparent huge pages (4 MiB).
 const HUGE_PAGES_MIN_BYTES: usize = 4 << 20;
 
+/// How many values a table of `rows` × `dim` holds, or `Err(bytes)` (saturated) when that
+/// does not fit in memory's address space.
+fn values_of(rows: &Range<u64>, dim: usize) -> Result<usize, u64> {
+    let len = rows.end.saturating_sub(rows.start);
+    let values = len.checked_mul(dim as u64).ok_or(u64::MAX)?;
+    usize::try_from(values).map_err(|_| values.saturating_mul(4))
+}
+
 /// Asks the kernel to back the vector's (still untouched) capacity with transparent huge
 /// pages: random rows then cost far fewer TLB misses. Only a hint; ignored where unsupported.
 fn advise_huge_pages(data: &mut Vec<f32>) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = data.capacity() * 4;
-        if bytes < HUGE_PAGES_MIN_BYTES {
-            return;
-        }
-        let start = data.as_mut_ptr() as usize;
-        let aligned = start.next_multiple_of(HUGE);
-        let end = (start + bytes) / HUGE * HUGE;
-        if end > aligned {
-            // SAFETY: [aligned, end) lies inside the vector's own allocation; MADV_HUGEPAGE
-            // changes only how the kernel backs those pages, never their contents or mapping.
-            unsafe {
-                libc::madvise(
-                    aligned as *mut libc::c_void,
-                    end - aligned,
-                    libc::MADV_HUGEPAGE,
-                );
-            }
-        }
+    let bytes = data.capacity() * 4;
+    if bytes >= HUGE_PAGES_MIN_BYTES {
+        crate::slab::advise_huge_pages(data.as_mut_ptr().cast(), bytes);
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (data, HUGE_PAGES_MIN_BYTES);
 }
 
 /// Applies every update of the batch to `data` (which starts at row `first`), in batch order.

@@ -136,12 +136,7 @@ pub(crate) fn zeroed_shares(lens: &[usize]) -> Result<Vec<Store>, u64> {
     // SAFETY: `layout` has a non-zero size (bytes > 0).
     let raw = unsafe { std::alloc::alloc(layout) };
     let ptr = NonNull::new(raw.cast::<f32>()).ok_or(bytes as u64)?;
-    #[cfg(target_os = "linux")]
-    // SAFETY: the range is exactly the allocation just made (huge-page aligned, a multiple of
-    // huge pages long); MADV_HUGEPAGE only changes how the kernel backs untouched pages.
-    unsafe {
-        libc::madvise(raw.cast(), size, libc::MADV_HUGEPAGE);
-    }
+    advise_huge_pages(raw, size);
     // SAFETY: the first `bytes` bytes lie inside the allocation; zeroing them initialises every
     // value a share can reach (each share ends at or before `total`).
     unsafe { std::ptr::write_bytes(raw, 0, bytes) };
@@ -155,6 +150,26 @@ pub(crate) fn zeroed_shares(lens: &[usize]) -> Result<Vec<Store>, u64> {
             len,
         })
         .collect())
+}
+
+/// Asks the kernel to back the whole huge pages inside `[start, start + bytes)`, memory of one
+/// allocation of the caller's that nothing has touched yet, with transparent huge pages. Only
+/// a hint; ignored where unsupported.
+pub(crate) fn advise_huge_pages(start: *mut u8, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let first = (start as usize).next_multiple_of(HUGE_PAGE_BYTES);
+        let end = (start as usize).saturating_add(bytes) / HUGE_PAGE_BYTES * HUGE_PAGE_BYTES;
+        if end > first {
+            // SAFETY: [first, end) lies inside the caller's allocation; MADV_HUGEPAGE changes
+            // only how the kernel backs those pages, never their contents or mapping.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, end - first, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (start, bytes);
 }
 
 #[cfg(test)]

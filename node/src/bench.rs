@@ -744,7 +744,6 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         batches: &workload,
         values: &values,
         rows,
-        total_rows,
         total_frames,
     };
     let before = raw_delta_baselines(&js, &shape, "before").await?;
@@ -987,8 +986,19 @@ struct Workload<'a> {
     batches: &'a [Vec<u32>],
     values: &'a [f32],
     rows: u64,
-    total_rows: usize,
     total_frames: u64,
+}
+
+impl Workload<'_> {
+    /// Publishes every batch through `producer`, each acknowledged before this returns.
+    async fn publish(&self, producer: &mut crate::deltas::Producer) -> anyhow::Result<()> {
+        for batch in self.batches {
+            producer
+                .send(batch, &self.values[..batch.len() * DELTA_DIM as usize])
+                .await?;
+        }
+        Ok(())
+    }
 }
 
 /// The delta pipeline's raw baselines for `w`: (publish then consume, publish while
@@ -1001,23 +1011,28 @@ async fn raw_delta_baselines(
     when: &str,
 ) -> anyhow::Result<(f64, f64)> {
     use crate::deltas::Producer;
-    const DIM: u32 = DELTA_DIM;
-    const IN_FLIGHT: usize = DELTA_IN_FLIGHT;
-    const MODEL: &str = DELTA_MODEL;
-    let (rows, total_rows, total_frames) = (w.rows, w.total_rows, w.total_frames);
+    let producer = |cluster: &str| {
+        Producer::new(
+            js.clone(),
+            cluster,
+            DELTA_MODEL,
+            w.rows,
+            DELTA_DIM,
+            DELTA_IN_FLIGHT,
+            1,
+        )
+    };
+    let total_rows: usize = w.batches.iter().map(Vec::len).sum();
+    let total_frames = w.total_frames;
     // Raw: the same frames through a plain stream, published with the same bound on acks in
     // flight (timed until the last ack), then read back by an ordered consumer in this process
     // (timed apart, so the baseline does not share this process's threads with itself). The
     // baseline is the rate of doing both, publish time plus consume time: on a machine whose
     // cores are all busy (nats-server, producer, consumer) overlapping the two adds no capacity.
     raw_delta_stream(js, "rawdelta").await?;
-    let mut raw_producer = Producer::new(js.clone(), "rawdelta", MODEL, rows, DIM, IN_FLIGHT, 1);
+    let mut raw_producer = producer("rawdelta");
     let t0 = Instant::now();
-    for batch in w.batches {
-        raw_producer
-            .send(batch, &w.values[..batch.len() * DIM as usize])
-            .await?;
-    }
+    w.publish(&mut raw_producer).await?;
     let publish_rate = total_rows as f64 / t0.elapsed().as_secs_f64();
     let t0 = Instant::now();
     let mut raw_msgs =
@@ -1045,13 +1060,9 @@ async fn raw_delta_baselines(
         let frames = count_messages(&mut live_msgs, total_frames, Duration::from_secs(10)).await;
         (frames, Instant::now())
     });
-    let mut live_producer = Producer::new(js.clone(), "rawlive", MODEL, rows, DIM, IN_FLIGHT, 1);
+    let mut live_producer = producer("rawlive");
     let t0 = Instant::now();
-    for batch in w.batches {
-        live_producer
-            .send(batch, &w.values[..batch.len() * DIM as usize])
-            .await?;
-    }
+    w.publish(&mut live_producer).await?;
     let live_published = t0.elapsed();
     let (live_frames, live_done) = reader.await?;
     anyhow::ensure!(
