@@ -647,6 +647,74 @@ pub async fn serve_model(
     anyhow::bail!("model {model} did not reach Serving within {LIMIT:?}")
 }
 
+/// CPU time so far of this process, the NATS server and a node, and the wall clock: what a
+/// phase cost beside how long it took (on a machine with few cores, they compete).
+#[derive(Clone, Copy, Debug, Default)]
+struct CpuSeconds {
+    wall: f64,
+    bench: f64,
+    server: f64,
+    node: Option<f64>,
+}
+
+impl CpuSeconds {
+    /// This process's user + system time (`getrusage`), and the server's and the node's (when
+    /// given) from `/proc/<pid>/stat` (clock ticks of 10 ms); 0 where unreadable.
+    fn now(server: Option<u32>, node: Option<u32>) -> Self {
+        use nix::sys::resource::{UsageWho, getrusage};
+        let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+        let bench = getrusage(UsageWho::RUSAGE_SELF)
+            .map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()));
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        Self {
+            wall,
+            bench,
+            server: server.and_then(proc_cpu_seconds).unwrap_or(0.0),
+            node: node.map(|pid| proc_cpu_seconds(pid).unwrap_or(0.0)),
+        }
+    }
+}
+
+impl std::ops::Sub for CpuSeconds {
+    type Output = Self;
+    fn sub(self, rhs: Self) -> Self {
+        Self {
+            wall: self.wall - rhs.wall,
+            bench: self.bench - rhs.bench,
+            server: self.server - rhs.server,
+            node: self.node.zip(rhs.node).map(|(a, b)| a - b),
+        }
+    }
+}
+
+impl std::fmt::Display for CpuSeconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:.3} s: cpu {:.3} s here, {:.2} s server",
+            self.wall, self.bench, self.server
+        )?;
+        if let Some(node) = self.node {
+            write!(f, ", {node:.2} s node")?;
+        }
+        Ok(())
+    }
+}
+
+/// A process's user + system CPU seconds from `/proc/<pid>/stat` (100 ticks a second, the
+/// value Linux reports to user space on every architecture it runs on).
+fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces) start at the state, field 3.
+    let rest = text.get(text.rfind(')')? + 2..)?;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 /// Resident memory of a process in bytes, from `/proc/<pid>/status`.
 fn rss_bytes(pid: u32) -> Option<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -778,6 +846,8 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     }
     anyhow::ensure!(ready, "the model's owner never applied a probe");
     while applied.try_recv().is_ok() {}
+    let server = c.nats.server(0).and_then(crate::natsd::NatsServer::pid);
+    let cpu = CpuSeconds::now(server, Some(pid));
     let t0 = Instant::now();
     let last = workload.len() - 1;
     for (i, batch) in workload.iter().enumerate() {
@@ -800,12 +870,13 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         }
     }
     let tessel_rate = total_rows as f64 / (done - t0).as_secs_f64();
+    let cpu = CpuSeconds::now(server, Some(pid)) - cpu;
     let after = raw_delta_baselines(&js, &shape, "after").await?;
     let raw_rate = before.0.max(after.0);
     let overlapped_rate = before.1.max(after.1);
     // Which side bounds it: the publishes (all acknowledged at `published`) or the applies.
     eprintln!(
-        "bench: deltas end to end: tessel {tessel_rate:.0} rows/s, raw {raw_rate:.0} rows/s, the faster of before and after (published in {:.2} s, applied in {:.2} s)",
+        "bench: deltas end to end: tessel {tessel_rate:.0} rows/s, raw {raw_rate:.0} rows/s, the faster of before and after (published in {:.2} s, applied in {:.2} s; {cpu})",
         published.as_secs_f64(),
         (done - t0).as_secs_f64()
     );
@@ -860,6 +931,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         })
     };
     let load_started = Instant::now();
+    let cpu = CpuSeconds::now(server, Some(pid));
     let mut latencies = Vec::with_capacity(probes);
     let mut acks = Vec::with_capacity(probes);
     let mut early: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
@@ -889,11 +961,12 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let load_rows = load.await??;
     let load_rate = load_rows as f64 / load_started.elapsed().as_secs_f64();
+    let cpu = CpuSeconds::now(server, Some(pid)) - cpu;
     listener.abort();
     latencies.sort_by(f64::total_cmp);
     acks.sort_by(f64::total_cmp);
     eprintln!(
-        "bench: deltas latency at {load_rate:.0} rows/s (target {half:.0}): p50 {:.2} ms, p99 {:.2} ms (server ack p50 {:.2} ms, p99 {:.2} ms)",
+        "bench: deltas latency at {load_rate:.0} rows/s (target {half:.0}): p50 {:.2} ms, p99 {:.2} ms (server ack p50 {:.2} ms, p99 {:.2} ms; {cpu})",
         percentile(&latencies, 50.0),
         percentile(&latencies, 99.0),
         percentile(&acks, 50.0),
@@ -1112,8 +1185,12 @@ async fn replay_figures(
         fork_seq: None,
     }];
     let (mut tessel, mut raw) = (Vec::new(), Vec::new());
+    let server = c.nats.server(0).and_then(crate::natsd::NatsServer::pid);
     for round in 1..=REPLAY_ROUNDS {
+        let before = CpuSeconds::now(server, None);
         let (raw_rows, raw_rate) = raw_read(js, model).await?;
+        let raw_cpu = CpuSeconds::now(server, None) - before;
+        let before = CpuSeconds::now(server, None);
         let t0 = Instant::now();
         let tables = crate::deltas::replay_model(
             &template,
@@ -1131,9 +1208,10 @@ async fn replay_figures(
             "replay rebuilt {} slots",
             tables.len()
         );
+        let tessel_cpu = CpuSeconds::now(server, None) - before;
         drop(tables);
         eprintln!(
-            "bench: deltas replay of {model}, round {round}: tessel {tessel_rate:.0} rows/s, raw {raw_rate:.0} rows/s"
+            "bench: deltas replay of {model}, round {round}: tessel {tessel_rate:.0} rows/s ({tessel_cpu}), raw {raw_rate:.0} rows/s ({raw_cpu})"
         );
         tessel.push(tessel_rate);
         raw.push(raw_rate);
@@ -1216,6 +1294,29 @@ async fn count_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_seconds_count_this_process_work_in_both_sources() {
+        let me = std::process::id();
+        let before = CpuSeconds::now(Some(me), Some(me));
+        // Spin until getrusage has seen 0.3 s of this thread's CPU (or give up after 20 s of
+        // wall time on a starved machine).
+        let started = Instant::now();
+        let mut x = 0u64;
+        while (CpuSeconds::now(None, None).bench - before.bench) < 0.3
+            && started.elapsed() < Duration::from_secs(20)
+        {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        let spent = CpuSeconds::now(Some(me), Some(me)) - before;
+        assert!(spent.bench >= 0.3, "{spent}");
+        // /proc counts in 10 ms ticks: the same work, within a few ticks.
+        assert!(spent.server >= 0.25, "{spent}");
+        assert_eq!(spent.node.map(|n| n >= 0.25), Some(true), "{spent}");
+        assert!(spent.wall > 0.0, "{spent}");
+        assert_eq!(proc_cpu_seconds(u32::MAX), None);
+        assert!(CpuSeconds::now(Some(u32::MAX), None).server == 0.0);
+    }
 
     #[test]
     fn hdr_percentiles_are_within_a_tenth_of_a_percent() {
