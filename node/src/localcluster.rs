@@ -224,6 +224,9 @@ impl LocalCluster {
             .values_mut()
             .map(|n| n.stop(Duration::from_secs(10)));
         futures::future::join_all(stops).await;
+        // Close the observing client first, so that stopping the servers is not logged as a
+        // lost connection.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.drain()).await;
         let _ = self.nats.stop().await;
     }
 }

@@ -75,10 +75,15 @@ pub fn load(args: &NodeArgs) -> Result<NodeConfig, crate::config::ConfigError> {
     Ok(cfg)
 }
 
-/// Sets up logging (RUST_LOG filters; default info).
+/// The log filter without `RUST_LOG`: info, but only warnings from the NATS client library,
+/// which logs every connection event at info; tessel logs those it acts on itself
+/// (`connect.rs`).
+pub const DEFAULT_LOG_FILTER: &str = "info,async_nats=warn";
+
+/// Sets up logging (RUST_LOG filters; default [`DEFAULT_LOG_FILTER`]).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     // Colour only on a terminal: logs redirected to files stay plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
