@@ -821,11 +821,20 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     let rss_before = rss_bytes(pid).unwrap_or(0);
     serve_model(&c.client, "tessel", MODEL, rows, DIM).await?;
     let mut notices = c.client.subscribe(applied_subject("tessel", MODEL)).await?;
-    let (tx, mut applied) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    // Each notice: its trace id, when it came, and how long the owner held the frame.
+    let (tx, mut applied) =
+        tokio::sync::mpsc::unbounded_channel::<(String, Instant, Option<f64>)>();
     let listener = tokio::spawn(async move {
         while let Some(m) = notices.next().await {
+            let at = Instant::now();
             let id = String::from_utf8_lossy(&m.payload).into_owned();
-            if tx.send((id, Instant::now())).is_err() {
+            let held_ms = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(crate::deltas::HELD_US_HEADER))
+                .and_then(|v| v.as_str().parse::<u64>().ok())
+                .map(|us| us as f64 / 1e3);
+            if tx.send((id, at, held_ms)).is_err() {
                 break;
             }
         }
@@ -861,7 +870,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     let mut done = t0;
     while fenced < fence_frames {
         match tokio::time::timeout(Duration::from_secs(30), applied.recv()).await {
-            Ok(Some((id, at))) if id == "fence" => {
+            Ok(Some((id, at, _))) if id == "fence" => {
                 fenced += 1;
                 done = at;
             }
@@ -934,7 +943,9 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     let cpu = CpuSeconds::now(server, Some(pid));
     let mut latencies = Vec::with_capacity(probes);
     let mut acks = Vec::with_capacity(probes);
-    let mut early: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    let mut held = Vec::with_capacity(probes);
+    let mut early: std::collections::HashMap<String, (Instant, Option<f64>)> =
+        std::collections::HashMap::new();
     for i in 0..probes {
         let id = format!("p{i}");
         let row = (rng.next() % rows) as u32;
@@ -943,19 +954,20 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
             .send_traced(&[row], &values[..DIM as usize], Some(&id))
             .await?;
         acks.push(ms(t0.elapsed()));
-        let at = loop {
-            if let Some(at) = early.remove(&id) {
-                break at;
+        let (at, held_ms) = loop {
+            if let Some(seen) = early.remove(&id) {
+                break seen;
             }
             match tokio::time::timeout(Duration::from_secs(10), applied.recv()).await {
-                Ok(Some((got, at))) if got == id => break at,
-                Ok(Some((got, at))) => {
-                    early.insert(got, at);
+                Ok(Some((got, at, h))) if got == id => break (at, h),
+                Ok(Some((got, at, h))) => {
+                    early.insert(got, (at, h));
                 }
                 _ => anyhow::bail!("probe {id} was never applied"),
             }
         };
         latencies.push(ms(at - t0));
+        held.extend(held_ms);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -965,12 +977,15 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     listener.abort();
     latencies.sort_by(f64::total_cmp);
     acks.sort_by(f64::total_cmp);
+    held.sort_by(f64::total_cmp);
     eprintln!(
-        "bench: deltas latency at {load_rate:.0} rows/s (target {half:.0}): p50 {:.2} ms, p99 {:.2} ms (server ack p50 {:.2} ms, p99 {:.2} ms; {cpu})",
+        "bench: deltas latency at {load_rate:.0} rows/s (target {half:.0}): p50 {:.2} ms, p99 {:.2} ms (server ack p50 {:.2} ms, p99 {:.2} ms; held by the owner p50 {:.2} ms, p99 {:.2} ms; {cpu})",
         percentile(&latencies, 50.0),
         percentile(&latencies, 99.0),
         percentile(&acks, 50.0),
-        percentile(&acks, 99.0)
+        percentile(&acks, 99.0),
+        percentile(&held, 50.0),
+        percentile(&held, 99.0)
     );
     // The publisher's own wait for the server's acknowledgement of the same probes is the raw
     // part of that latency (the store, under the same load).
@@ -980,6 +995,15 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
             percentile(&latencies, p),
             "ms",
             Some(("publish → server ack, same probes", percentile(&acks, p))),
+        ));
+    }
+    // The owner's share of it: from the frame's receipt off the consumer to its notice.
+    for p in [50.0, 99.0] {
+        out.push(BenchResult::new(
+            &format!("delta held by the owner at half rate, p{p}"),
+            percentile(&held, p),
+            "ms",
+            None,
         ));
     }
 

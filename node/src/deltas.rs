@@ -91,6 +91,11 @@ pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
 /// tools use it to time publish → applied.
 pub const TRACE_HEADER: &str = "Tessel-Trace";
 
+/// A header on each applied notice: the microseconds the owner held the frame, from its
+/// receipt off the consumer until the notice is sent (queue, window, validation, apply). The
+/// rest of publish → applied is the server and the network.
+pub const HELD_US_HEADER: &str = "Tessel-Held-Us";
+
 /// The longest trace value that is echoed; longer or non-token values are ignored.
 pub const MAX_TRACE_BYTES: usize = 64;
 
@@ -305,6 +310,8 @@ impl Producer {
 pub struct Queued {
     msg: jetstream::Message,
     permit: tokio::sync::OwnedSemaphorePermit,
+    /// When the model's consumer handed it over.
+    received: Instant,
 }
 
 /// Limits and timings of a slot model.
@@ -791,7 +798,7 @@ impl SlotModel {
             let mut batch_values: Vec<f32> = Vec::new();
             let mut frames = 0usize;
             let mut bytes = 0usize;
-            let mut traces: Vec<Bytes> = Vec::new();
+            let mut traces: Vec<(Bytes, Instant)> = Vec::new();
             let mut walls: Vec<u64> = Vec::new();
             let mut deadline = tokio::time::Instant::now();
             let mut permits: Vec<tokio::sync::OwnedSemaphorePermit> = Vec::new();
@@ -829,7 +836,12 @@ impl SlotModel {
                         }
                     }
                 };
-                let Some(Queued { msg, permit }) = next else {
+                let Some(Queued {
+                    msg,
+                    permit,
+                    received,
+                }) = next
+                else {
                     open = false;
                     break;
                 };
@@ -854,7 +866,7 @@ impl SlotModel {
                     &mut batch_values,
                 ) {
                     Ok(f) => {
-                        traces.extend(trace_of(&msg));
+                        traces.extend(trace_of(&msg).map(|t| (t, received)));
                         walls.push(f.ts.wall_ms);
                     }
                     Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
@@ -890,8 +902,14 @@ impl SlotModel {
                     &walls,
                 );
                 let subject = applied_subject(&self.cluster, &self.model);
-                for t in traces.drain(..) {
-                    let _ = self.client.publish(subject.clone(), t).await;
+                for (t, received) in traces.drain(..) {
+                    let mut headers = async_nats::HeaderMap::new();
+                    let held = received.elapsed().as_micros().to_string();
+                    headers.insert(HELD_US_HEADER, held.as_str());
+                    let _ = self
+                        .client
+                        .publish_with_headers(subject.clone(), headers, t)
+                        .await;
                 }
                 self.metrics
                     .deltas_applied_total
@@ -1481,6 +1499,7 @@ impl ModelHost {
                         break;
                     }
                 };
+                let received = Instant::now();
                 if let Ok(info) = msg.info() {
                     metrics.model_lag(&name, info.pending);
                 }
@@ -1496,7 +1515,12 @@ impl ModelHost {
                 let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
                     break;
                 };
-                if tx.send(Queued { msg, permit }).await.is_err() {
+                let queued = Queued {
+                    msg,
+                    permit,
+                    received,
+                };
+                if tx.send(queued).await.is_err() {
                     break;
                 }
             }

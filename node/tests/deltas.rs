@@ -204,6 +204,34 @@ async fn the_models_transform_scales_then_clips() {
         .unwrap();
     let expect: HashMap<u32, f32> = [(1, 2.0), (2, 3.0), (3, -3.0)].into();
     common::wait_equal(&c, "t", ROWS, &expect).await;
+    // A traced frame is announced once applied, with how long its owner held it; a trace id
+    // that is not a token is not echoed. Both frames are applied (row 4 ends at 2 + 2).
+    let mut notices = c
+        .client
+        .subscribe(tessel_node::deltas::applied_subject("tessel", "t"))
+        .await
+        .unwrap();
+    c.client.flush().await.unwrap();
+    for id in ["not a token", "probe-1"] {
+        producer
+            .send_traced(&[4], &[1.0, 1.0], Some(id))
+            .await
+            .unwrap();
+    }
+    let notice = tokio::time::timeout(SETTLE, notices.next())
+        .await
+        .expect("no applied notice")
+        .unwrap();
+    assert_eq!(&notice.payload[..], b"probe-1");
+    let held_us: u64 = notice
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(tessel_node::deltas::HELD_US_HEADER))
+        .and_then(|v| v.as_str().parse().ok())
+        .expect("the notice says how long the owner held the frame");
+    assert!(held_us < SETTLE.as_micros() as u64, "{held_us} µs");
+    let expect: HashMap<u32, f32> = [(1, 2.0), (2, 3.0), (3, -3.0), (4, 4.0)].into();
+    common::wait_equal(&c, "t", ROWS, &expect).await;
     // Replay applies the same transform.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
         .args(["replay", "--model", "t", "--verify", "--json", "--quiet"])
