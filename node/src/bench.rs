@@ -4,6 +4,7 @@
 //! join — on real processes (one nats-server, three nodes, default timings). Each figure is
 //! compared with the floor it cannot beat (the lease TTL for a failover).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -823,7 +824,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     let mut notices = c.client.subscribe(applied_subject("tessel", MODEL)).await?;
     // Each notice: its trace id, when it came, and how long the owner held the frame.
     let (tx, mut applied) =
-        tokio::sync::mpsc::unbounded_channel::<(String, Instant, Option<f64>)>();
+        tokio::sync::mpsc::unbounded_channel::<(String, (Instant, Option<f64>))>();
     let listener = tokio::spawn(async move {
         while let Some(m) = notices.next().await {
             let at = Instant::now();
@@ -834,7 +835,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
                 .and_then(|h| h.get(crate::deltas::HELD_US_HEADER))
                 .and_then(|v| v.as_str().parse::<u64>().ok())
                 .map(|us| us as f64 / 1e3);
-            if tx.send((id, at, held_ms)).is_err() {
+            if tx.send((id, (at, held_ms))).is_err() {
                 break;
             }
         }
@@ -870,7 +871,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     let mut done = t0;
     while fenced < fence_frames {
         match tokio::time::timeout(Duration::from_secs(30), applied.recv()).await {
-            Ok(Some((id, at, _))) if id == "fence" => {
+            Ok(Some((id, (at, _)))) if id == "fence" => {
                 fenced += 1;
                 done = at;
             }
@@ -980,10 +981,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     let mut acks = Vec::with_capacity(probes);
     let mut held = Vec::with_capacity(probes);
     let mut delivered = Vec::with_capacity(probes);
-    let mut raw_early: std::collections::HashMap<String, Instant> =
-        std::collections::HashMap::new();
-    let mut early: std::collections::HashMap<String, (Instant, Option<f64>)> =
-        std::collections::HashMap::new();
+    let (mut raw_early, mut early) = (HashMap::new(), HashMap::new());
     for i in 0..probes {
         let id = format!("p{i}");
         let span = (probe_rows.end - probe_rows.start).max(1);
@@ -993,31 +991,13 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
             .send_traced(&[row], &values[..DIM as usize], Some(&id))
             .await?;
         acks.push(ms(t0.elapsed()));
-        let (at, held_ms) = loop {
-            if let Some(seen) = early.remove(&id) {
-                break seen;
-            }
-            match tokio::time::timeout(Duration::from_secs(10), applied.recv()).await {
-                Ok(Some((got, at, h))) if got == id => break (at, h),
-                Ok(Some((got, at, h))) => {
-                    early.insert(got, (at, h));
-                }
-                _ => anyhow::bail!("probe {id} was never applied"),
-            }
+        let Some((at, held_ms)) = traced(&mut applied, &mut early, &id).await else {
+            anyhow::bail!("probe {id} was never applied");
         };
         latencies.push(ms(at - t0));
         held.extend(held_ms);
-        let raw_at = loop {
-            if let Some(at) = raw_early.remove(&id) {
-                break at;
-            }
-            match tokio::time::timeout(Duration::from_secs(10), raw_seen.recv()).await {
-                Ok(Some((got, at))) if got == id => break at,
-                Ok(Some((got, at))) => {
-                    raw_early.insert(got, at);
-                }
-                _ => anyhow::bail!("probe {id} never reached the raw consumer"),
-            }
+        let Some(raw_at) = traced(&mut raw_seen, &mut raw_early, &id).await else {
+            anyhow::bail!("probe {id} never reached the raw consumer");
         };
         delivered.push(ms(raw_at - t0));
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1247,6 +1227,27 @@ async fn raw_delta_baselines(
 
 /// Rounds of the replay figures: the VM's noise moves one round's ratio by a tenth.
 const REPLAY_ROUNDS: usize = 3;
+
+/// What came for trace `id` on `rx`, keeping what comes first for other ids in `early`;
+/// `None` when nothing comes for 10 s or the sender is gone.
+async fn traced<T>(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, T)>,
+    early: &mut HashMap<String, T>,
+    id: &str,
+) -> Option<T> {
+    if let Some(seen) = early.remove(id) {
+        return Some(seen);
+    }
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some((got, seen))) if got == id => return Some(seen),
+            Ok(Some((got, seen))) => {
+                early.insert(got, seen);
+            }
+            _ => return None,
+        }
+    }
+}
 
 /// Replays `model` (`rows × dim`, one generation, no checkpoints) offline from the deltas
 /// stream, each time just after a raw ordered consumer has read the same messages, for
