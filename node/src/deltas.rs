@@ -129,12 +129,14 @@ fn trace_of(msg: &jetstream::Message) -> Option<Bytes> {
     ok.then(|| Bytes::copy_from_slice(v.as_bytes()))
 }
 
-/// Creates or binds the deltas stream and the checkpoints bucket.
+/// Creates or binds the deltas stream and the checkpoints bucket. The bucket's handle is
+/// shared (it holds the bucket's stream description, about 1.5 KB, and every slot model of a
+/// node holds it).
 pub async fn ensure(
     js: &jetstream::Context,
     cluster: &str,
     replicas: usize,
-) -> anyhow::Result<object_store::ObjectStore> {
+) -> anyhow::Result<Arc<object_store::ObjectStore>> {
     // Create first, bind on refusal (see `store::create_or_bind` for why not the other way).
     let cfg = stream::Config {
         name: deltas_stream(cluster),
@@ -157,10 +159,11 @@ pub async fn ensure(
         })
         .await
     {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok(Arc::new(s)),
         Err(e) => js
             .get_object_store(&bucket)
             .await
+            .map(Arc::new)
             .map_err(|_| anyhow::anyhow!("checkpoints bucket: {e}")),
     }
 }
@@ -496,7 +499,7 @@ pub struct SlotModel {
     /// Client for replies and DLQ.
     pub client: async_nats::Client,
     /// Checkpoints.
-    pub checkpoints: object_store::ObjectStore,
+    pub checkpoints: Arc<object_store::ObjectStore>,
     /// Cluster.
     pub cluster: String,
     /// Model.
@@ -811,7 +814,7 @@ impl SlotModel {
                         r = async { match reads.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
                             if let Some(req) = r {
                                 guard(&mut table);
-                                if let Err(e) = self.answer(&table, position, &mut gate, req).await {
+                                if let Err(e) = Box::pin(self.answer(&table, position, &mut gate, req)).await {
                                     return lost(&e);
                                 }
                             }
@@ -871,7 +874,7 @@ impl SlotModel {
                         traces.extend(trace_of(&msg).map(|t| (t, received)));
                         walls.push(f.ts.wall_ms);
                     }
-                    Err(reason) => self.dead_letter(msg.payload.clone(), &reason).await,
+                    Err(reason) => Box::pin(self.dead_letter(msg.payload.clone(), &reason)).await,
                 }
                 if frames >= self.cfg.window_frames || bytes >= self.cfg.window_bytes {
                     break;
@@ -930,7 +933,9 @@ impl SlotModel {
                     && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
             if due || (!open && since_ckpt > 0) {
                 guard(&mut table);
-                if let Err(e) = self.checkpoint(&table, position, &chains, &mut kept).await {
+                if let Err(e) =
+                    Box::pin(self.checkpoint(&table, position, &chains, &mut kept)).await
+                {
                     return lost(&e);
                 }
                 since_ckpt = 0;
@@ -1249,7 +1254,7 @@ pub struct ModelHost {
     /// NATS.
     pub client: async_nats::Client,
     /// Checkpoints.
-    pub checkpoints: object_store::ObjectStore,
+    pub checkpoints: Arc<object_store::ObjectStore>,
     /// Cluster.
     pub cluster: String,
     /// Whether this node owns a slot now.
@@ -2432,5 +2437,13 @@ mod tests {
         // 1,024 slots × 2 × 32 entries of this size.
         let size = std::mem::size_of::<Queued>();
         assert!(size <= 64, "{size} bytes");
+    }
+
+    #[test]
+    fn a_slot_model_shares_the_checkpoint_bucket_handle() {
+        // Each of a node's slot tasks holds its SlotModel; the bucket's handle alone (with
+        // its stream description) is about 1.5 KB, so it is shared.
+        let size = std::mem::size_of::<SlotModel>();
+        assert!(size <= 1024, "{size} bytes");
     }
 }
