@@ -46,7 +46,20 @@ pub fn run(args: BenchArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let result = rt.block_on(async {
-        let bin = std::env::current_exe()?;
+        // The nodes run from this binary, or from `TESSEL_BENCH_NODE_BIN` (a wrapper around
+        // it, such as a heap profiler's, for looking into a node under the same load).
+        let bin = match std::env::var_os("TESSEL_BENCH_NODE_BIN") {
+            Some(wrapper) => {
+                let path = std::path::PathBuf::from(wrapper);
+                anyhow::ensure!(
+                    path.is_file(),
+                    "TESSEL_BENCH_NODE_BIN={}: no such file",
+                    path.display()
+                );
+                path
+            }
+            None => std::env::current_exe()?,
+        };
         let dir = std::path::absolute(&args.dir)?.join(format!("run-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut results = Vec::new();
