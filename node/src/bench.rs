@@ -950,25 +950,19 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         let stream = js
             .get_stream(crate::deltas::deltas_stream("tessel"))
             .await?;
-        let mut messages = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                filter_subject: crate::deltas::delta_subject("tessel", MODEL, probe_slot),
-                deliver_policy: jetstream::consumer::DeliverPolicy::New,
-                ..Default::default()
-            })
-            .await?
-            .messages()
-            .await?;
+        let mut messages = ordered_reader_from(
+            &stream,
+            &crate::deltas::delta_subject("tessel", MODEL, probe_slot),
+            jetstream::consumer::DeliverPolicy::New,
+        )
+        .await?;
         tokio::spawn(async move {
             while let Some(Ok(m)) = messages.next().await {
                 let at = Instant::now();
-                let id = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(crate::deltas::TRACE_HEADER))
-                    .map(|v| v.as_str().to_owned());
-                if let Some(id) = id
-                    && raw_tx.send((id, at)).is_err()
+                if let Some(id) = crate::deltas::trace_of(&m)
+                    && raw_tx
+                        .send((String::from_utf8_lossy(&id).into_owned(), at))
+                        .is_err()
                 {
                     break;
                 }
@@ -1358,9 +1352,24 @@ async fn ordered_reader(
     stream: &async_nats::jetstream::stream::Stream,
     subject: &str,
 ) -> anyhow::Result<async_nats::jetstream::consumer::pull::Ordered> {
+    ordered_reader_from(
+        stream,
+        subject,
+        async_nats::jetstream::consumer::DeliverPolicy::All,
+    )
+    .await
+}
+
+/// An ordered consumer's messages of `subject` on `stream`, from where `deliver` says.
+async fn ordered_reader_from(
+    stream: &async_nats::jetstream::stream::Stream,
+    subject: &str,
+    deliver: async_nats::jetstream::consumer::DeliverPolicy,
+) -> anyhow::Result<async_nats::jetstream::consumer::pull::Ordered> {
     Ok(stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig {
             filter_subject: subject.into(),
+            deliver_policy: deliver,
             ..Default::default()
         })
         .await?

@@ -120,7 +120,7 @@ pub fn applied_subject(cluster: &str, model: &str) -> String {
 }
 
 /// The trace id of a delta message, when it carries a well-formed one.
-fn trace_of(msg: &jetstream::Message) -> Option<Bytes> {
+pub fn trace_of(msg: &jetstream::Message) -> Option<Bytes> {
     let v = msg.headers.as_ref()?.get(TRACE_HEADER)?.as_str();
     let ok = !v.is_empty()
         && v.len() <= MAX_TRACE_BYTES
