@@ -134,6 +134,9 @@ pub struct NodeConfig {
     pub checkpoint_interval_ms: u64,
     /// Checkpoints kept per slot.
     pub checkpoints_kept: usize,
+    /// Apply CPU tables' windows on the device's own threads, as GPU tables always are,
+    /// instead of inline on the async runtime (where a small window costs least).
+    pub delta_cpu_apply_on_threads: bool,
     /// NATS user (with `password`).
     pub user: Option<String>,
     /// NATS password.
@@ -191,6 +194,7 @@ impl Default for NodeConfig {
             checkpoint_every_frames: 10_000,
             checkpoint_interval_ms: 10_000,
             checkpoints_kept: 3,
+            delta_cpu_apply_on_threads: false,
             user: None,
             password: None,
             creds_file: None,
@@ -289,6 +293,7 @@ impl NodeConfig {
             checkpoint_every_frames,
             checkpoint_interval_ms,
             checkpoints_kept,
+            delta_cpu_apply_on_threads,
             fault_injection
         );
         if let Some(v) = get("TESSEL_CAPACITY") {
@@ -341,6 +346,7 @@ impl NodeConfig {
             checkpoint_every: self.checkpoint_every_frames,
             checkpoint_ms: self.checkpoint_interval_ms,
             keep_checkpoints: self.checkpoints_kept,
+            cpu_apply_on_threads: self.delta_cpu_apply_on_threads,
             apply_threads: 1,
             scale: 1.0,
             clip: None,

@@ -114,6 +114,22 @@ fn off_worker<R>(device: gpu::DeviceKind, f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Applies a window's rows and values to `table` in batches of at most `max_batch_rows` (the
+/// table's staging limit): all batches or none.
+fn apply_window(
+    table: &mut gpu::Table,
+    rows: &[u32],
+    values: &[f32],
+    max_batch_rows: usize,
+) -> Result<(), gpu::Error> {
+    let d = table.dim();
+    let batches: Vec<(&[u32], &[f32])> = rows
+        .chunks(max_batch_rows)
+        .zip(values.chunks(max_batch_rows * d))
+        .collect();
+    table.apply_many(&batches)
+}
+
 /// Where owners announce traced frames they applied: `<c>.applied.<model>`.
 pub fn applied_subject(cluster: &str, model: &str) -> String {
     format!("{cluster}.applied.{model}")
@@ -339,6 +355,8 @@ pub struct SlotModelConfig {
     pub checkpoint_ms: u64,
     /// Checkpoints kept per slot.
     pub keep_checkpoints: usize,
+    /// Apply on the device's threads on the CPU too (see [`crate::tables::DeviceLease::threads`]).
+    pub cpu_apply_on_threads: bool,
     /// Threads for applying.
     pub apply_threads: usize,
     /// The model's transform: values are multiplied by this…
@@ -358,6 +376,7 @@ impl Default for SlotModelConfig {
             checkpoint_every: 10_000,
             checkpoint_ms: 10_000,
             keep_checkpoints: 3,
+            cpu_apply_on_threads: false,
             apply_threads: 1,
             scale: 1.0,
             clip: None,
@@ -887,14 +906,38 @@ impl SlotModel {
                 return lost(&gpu::Error::DeviceLost);
             }
             if !batch_rows.is_empty() {
-                // Within the table's staging limit per batch; all batches or none.
-                let d = table.dim();
-                let batches: Vec<(&[u32], &[f32])> = batch_rows
-                    .chunks(max_batch_rows)
-                    .zip(batch_values.chunks(max_batch_rows * d))
-                    .collect();
                 let apply_started = Instant::now();
-                if let Err(e) = off_worker(table.device().kind, || table.apply_many(&batches)) {
+                let applied = match lease.threads(self.cfg.cpu_apply_on_threads) {
+                    // The device's threads wait for it; this task waits for them.
+                    Some(threads) => {
+                        let job = move || {
+                            let done = apply_window(
+                                &mut table,
+                                &batch_rows,
+                                &batch_values,
+                                max_batch_rows,
+                            );
+                            (table, batch_rows, batch_values, done)
+                        };
+                        // Boxed: the job holds the window, and every slot task would carry
+                        // room for it.
+                        match Box::pin(threads.run(job)).await {
+                            Some((t, r, v, done)) => {
+                                (table, batch_rows, batch_values) = (t, r, v);
+                                done
+                            }
+                            None => {
+                                return lost(&gpu::Error::Driver(
+                                    "an apply on the device's threads did not finish".into(),
+                                ));
+                            }
+                        }
+                    }
+                    None => off_worker(table.device().kind, || {
+                        apply_window(&mut table, &batch_rows, &batch_values, max_batch_rows)
+                    }),
+                };
+                if let Err(e) = applied {
                     // A validated window cannot be refused for its content: the device failed,
                     // and the window's deltas (already counted in `position`) must come again
                     // from the stream.

@@ -15,9 +15,14 @@
 //!   "cpu:0"}` marks a device lost (as a driver error would). Served only when the node's
 //!   config has `fault_injection = true`; otherwise, and for anything malformed, the reply is
 //!   a typed error and `tessel_faults_refused_total` counts it.
+//! - **Device threads**: a device other than the CPU gets [`DEVICE_THREADS`] threads of its
+//!   own, started on first use, that run its tables' applies ([`DeviceLease::run`]). An apply
+//!   there waits for the device; on a runtime thread under `block_in_place` it handed the
+//!   runtime's worker to another thread on every call, and on 16 cores that churn cost the node
+//!   about five cores (docs/benchmarks.md). On the CPU an apply runs inline, where it is cheap.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use cluster::Weight;
@@ -62,6 +67,65 @@ struct Book {
     unusable: Vec<bool>,
 }
 
+/// Threads of a device that run its tables' blocking operations: as many as the applies the
+/// gpu crate lets one device have in flight (more would wait there anyway).
+pub const DEVICE_THREADS: usize = 8;
+
+/// Operations queued for one device's threads at most (a slot has one at a time, and a node
+/// at most 1,024 slots per model); a full queue makes the caller wait.
+const DEVICE_QUEUE: usize = 1_024;
+
+/// An operation for a device's threads.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// A fixed set of threads fed by a bounded queue (see [`DEVICE_THREADS`]). The threads end
+/// when the queue's sender is dropped.
+#[derive(Debug)]
+pub struct Workers {
+    jobs: tokio::sync::mpsc::Sender<Job>,
+}
+
+impl Workers {
+    /// Starts `threads` threads named `<name>-<i>`.
+    pub fn start(name: &str, threads: usize, queue: usize) -> std::io::Result<Workers> {
+        let (jobs, rx) = tokio::sync::mpsc::channel::<Job>(queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || {
+                    loop {
+                        // One thread waits in the queue at a time; the others wait for the lock.
+                        let job = match rx.lock() {
+                            Ok(mut rx) => rx.blocking_recv(),
+                            Err(_) => None,
+                        };
+                        let Some(job) = job else { break };
+                        // A panicking job drops its reply, which its caller sees; the thread
+                        // stays.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })?;
+        }
+        Ok(Workers { jobs })
+    }
+
+    /// Runs `f` on one of the threads and waits for it without holding a runtime thread;
+    /// `None` when it did not finish there (it panicked, or the threads are gone).
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Option<R> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.jobs.send(job).await.ok()?;
+        rx.await.ok()
+    }
+}
+
 /// The devices of this node and what was placed on them.
 #[derive(Debug)]
 pub struct DeviceBook {
@@ -69,6 +133,9 @@ pub struct DeviceBook {
     generations: Vec<AtomicU64>,
     book: Mutex<Book>,
     metrics: Arc<Metrics>,
+    /// Each device's threads (see [`Workers`]), started on first use; `None` for the CPU, or
+    /// where they could not start.
+    threads: Vec<OnceLock<Option<Workers>>>,
 }
 
 /// Why a model's tables could not be placed on this node.
@@ -88,6 +155,7 @@ impl DeviceBook {
         let n = devices.len();
         Arc::new(DeviceBook {
             generations: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            threads: (0..n).map(|_| OnceLock::new()).collect(),
             book: Mutex::new(Book {
                 assigned: vec![0; n],
                 unusable: vec![false; n],
@@ -229,6 +297,30 @@ impl DeviceLease {
     /// Reports that a table on the device met a device loss.
     pub fn lose(&self) {
         self.book.lose(self.index, self.generation);
+    }
+
+    /// The device's own threads for blocking operations: `None` on the CPU unless `on_cpu`
+    /// (its operations run inline), or when they could not be started (then `block_in_place`
+    /// is the fallback).
+    pub fn threads(&self, on_cpu: bool) -> Option<&Workers> {
+        let d = self.device();
+        if d.kind == DeviceKind::Cpu && !on_cpu {
+            return None;
+        }
+        self.book.threads.get(self.index)?.get_or_init(|| {
+            let name = format!("tessel-{}{}", d.kind.as_str(), d.ordinal);
+            match Workers::start(&name, DEVICE_THREADS, DEVICE_QUEUE) {
+                Ok(w) => {
+                    info!(device = %device_id(d), threads = DEVICE_THREADS, "the device's apply threads started");
+                    Some(w)
+                }
+                Err(e) => {
+                    warn!(device = %device_id(d), error = %e, "cannot start the device's threads; applies block a runtime thread instead");
+                    None
+                }
+            }
+        })
+        .as_ref()
     }
 }
 
@@ -389,6 +481,46 @@ pub async fn serve_faults(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn device_threads_run_every_job_and_at_most_their_number_at_once() {
+        use std::sync::atomic::AtomicUsize;
+        let workers = Arc::new(Workers::start("test-dev", 3, 4).unwrap());
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs = (0..40u64).map(|i| {
+            let (workers, now, most) = (workers.clone(), now.clone(), most.clone());
+            tokio::spawn(async move {
+                workers
+                    .run(move || {
+                        let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                        most.fetch_max(n, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        now.fetch_sub(1, Ordering::SeqCst);
+                        (i, std::thread::current().name().map(str::to_string))
+                    })
+                    .await
+            })
+        });
+        let done = futures::future::join_all(jobs).await;
+        let mut seen = Vec::new();
+        for d in done {
+            let (i, name) = d.unwrap().expect("every job runs");
+            assert!(name.unwrap().starts_with("test-dev-"));
+            seen.push(i);
+        }
+        seen.sort_unstable();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>());
+        let most = most.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&most), "{most} jobs at once on 3 threads");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicking_job_answers_none_and_its_thread_stays() {
+        let workers = Workers::start("test-panic", 1, 1).unwrap();
+        let r: Option<u32> = workers.run(|| panic!("a job that panics")).await;
+        assert_eq!(r, None);
+        assert_eq!(workers.run(|| 7).await, Some(7));
+    }
 
     fn dev(kind: DeviceKind, ordinal: usize, total: u64) -> Device {
         Device {

@@ -293,13 +293,16 @@ fn strip_ansi(text: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_lost_mid_run_loses_no_acknowledged_delta() {
     // Frequent checkpoints, so that the lost tables restart from a checkpoint taken under load
-    // and replay only the tail.
+    // and replay only the tail. Windows are applied on the device's threads, as a GPU table's
+    // are, also on the CPU here: the table goes to those threads and comes back with each
+    // window, and a loss meets it there.
     let c = TestCluster::start_with_env(
         1,
         3,
         &[
             ("TESSEL_FAULT_INJECTION", "true"),
             ("TESSEL_CHECKPOINT_INTERVAL_MS", "1000"),
+            ("TESSEL_DELTA_CPU_APPLY_ON_THREADS", "true"),
         ],
     )
     .await;
@@ -332,6 +335,7 @@ async fn a_device_lost_mid_run_loses_no_acknowledged_delta() {
     // The lost groups were rebuilt: n2 and n3 each started serving the model again.
     for node in ["n2", "n3"] {
         let log = c.log(node);
+        assert!(log.contains("the device's apply threads started"), "{log}");
         let n = log.matches("serving the model's slots").count();
         assert!(n >= 2, "{node} started the model {n} times\n{log}");
         // The rebuild started from checkpoints taken before the loss, not from scratch.
