@@ -110,9 +110,16 @@ async fn a_graceful_leave_hands_over_without_waiting_for_the_ttl(servers: usize)
     let control = c.js.get_key_value("tessel-control").await.unwrap();
     let mut watch = control.watch("leader").await.unwrap();
     c.signal(&old, Signal::SIGTERM);
-    // The lease is deleted (a tombstone), not left to expire (a marker), then taken over.
+    // The lease is deleted (a tombstone), not left to expire (a marker), then taken over. The
+    // old leader's renewals that land before it handles the signal are skipped.
     let mut ops = Vec::new();
     while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+        let holder = serde_json::from_slice::<serde_json::Value>(&e.value)
+            .ok()
+            .and_then(|v| v["node"].as_str().map(str::to_string));
+        if ops.is_empty() && e.operation == Operation::Put && holder.as_deref() == Some(&old) {
+            continue;
+        }
         ops.push(e.operation);
         if e.operation == Operation::Put {
             break;
