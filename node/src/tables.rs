@@ -16,7 +16,7 @@
 //!   config has `fault_injection = true`; otherwise, and for anything malformed, the reply is
 //!   a typed error and `tessel_faults_refused_total` counts it.
 //! - **Device threads**: a device other than the CPU gets [`DEVICE_THREADS`] threads of its
-//!   own, started on first use, that run its tables' applies ([`DeviceLease::run`]). An apply
+//!   own, started on first use, that run its tables' applies ([`DeviceLease::threads`]). An apply
 //!   there waits for the device; on a runtime thread under `block_in_place` it handed the
 //!   runtime's worker to another thread on every call, and on 16 cores that churn cost the node
 //!   about five cores (docs/benchmarks.md). On the CPU an apply runs inline, where it is cheap.
@@ -133,8 +133,8 @@ pub struct DeviceBook {
     generations: Vec<AtomicU64>,
     book: Mutex<Book>,
     metrics: Arc<Metrics>,
-    /// Each device's threads (see [`Workers`]), started on first use; `None` for the CPU, or
-    /// where they could not start.
+    /// Each device's threads (see [`Workers`]), started on first use (on the CPU only when
+    /// asked for); `None` where they could not start.
     threads: Vec<OnceLock<Option<Workers>>>,
 }
 
