@@ -1565,9 +1565,9 @@ impl ModelHost {
                 let Ok(permit) = budget.clone().acquire_many_owned(cost).await else {
                     break;
                 };
-                // The payload is a slice of the connection's read buffer, which it would keep
-                // alive (64 KiB for a 16 KiB frame, more for a small one) until applied: the
-                // budget bounds what is queued only once the frame holds its own bytes.
+                // The payload is a slice of the connection's read buffer (64 KiB), which it
+                // would keep alive until applied, however small the frame: the budget bounds
+                // what is queued only once the frame holds its own bytes.
                 let mut msg = msg;
                 msg.message.payload = Bytes::copy_from_slice(&msg.message.payload);
                 let queued = Queued {
