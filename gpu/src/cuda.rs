@@ -24,7 +24,7 @@ use cudarc::driver::{
 
 use crate::bench::{BenchConfig, BenchRow, random_rows};
 use crate::table::{Error, TableConfig};
-use crate::{Device, DeviceKind};
+use crate::{APPLIES_IN_FLIGHT_PER_DEVICE, Device, DeviceKind};
 
 /// The kernels, as CUDA C. `grouped_add`: the batch's distinct rows, each once, with the range
 /// of its updates in the staged values (`idx[u + b] .. idx[u + b + 1]`, in batch order). Thread
@@ -245,11 +245,6 @@ impl Staging {
 /// Most pinned bytes of idle staging kept per device between applies (64 MiB); staging that
 /// would go over it is freed after its apply.
 const STAGING_IDLE_MAX_BYTES: u64 = 64 << 20;
-
-/// Most `apply_many` calls in flight on one device (8); more wait for one to finish. Past a
-/// few threads the driver serialises them anyway (`tessel bench gpu`: 64-row windows went
-/// from 27 µs on one thread to 138 µs each on 16), and each call in flight holds a staging.
-const APPLIES_IN_FLIGHT_PER_DEVICE: usize = 8;
 
 /// The staging of one device: idle stagings, and how many are out.
 #[derive(Default)]

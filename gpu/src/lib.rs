@@ -24,6 +24,11 @@ pub mod table;
 pub use placement::{Dtype, Requirements, Unfit, check, choose};
 pub use table::{Error, Table, TableConfig};
 
+/// Most `apply_many` calls in flight on one CUDA device (8); more wait for one to finish. Past
+/// a few threads the driver serialises them anyway (`tessel bench gpu`: 64-row windows went
+/// from 27 µs on one thread to 138 µs each on 16), and each call in flight holds a staging.
+pub const APPLIES_IN_FLIGHT_PER_DEVICE: usize = 8;
+
 /// What kind of device a table can live on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DeviceKind {

@@ -1542,7 +1542,7 @@ impl ModelHost {
         let (metrics, name) = (self.metrics.clone(), model.to_string());
         let pump = tokio::spawn(async move {
             while let Some(item) = messages.next().await {
-                let msg = match item {
+                let mut msg = match item {
                     Ok(m) => m,
                     Err(e) => {
                         warn!(error = %e, "delta consumer failed; it restarts at the next reconcile");
@@ -1568,7 +1568,6 @@ impl ModelHost {
                 // The payload is a slice of the connection's read buffer (64 KiB), which it
                 // would keep alive until applied, however small the frame: the budget bounds
                 // what is queued only once the frame holds its own bytes.
-                let mut msg = msg;
                 msg.message.payload = Bytes::copy_from_slice(&msg.message.payload);
                 let queued = Queued {
                     msg: Box::new(msg),

@@ -69,7 +69,7 @@ struct Book {
 
 /// Threads of a device that run its tables' blocking operations: as many as the applies the
 /// gpu crate lets one device have in flight (more would wait there anyway).
-pub const DEVICE_THREADS: usize = 8;
+pub const DEVICE_THREADS: usize = gpu::APPLIES_IN_FLIGHT_PER_DEVICE;
 
 /// Operations queued for one device's threads at most (a slot has one at a time, and a node
 /// at most 1,024 slots per model); a full queue makes the caller wait.
