@@ -17,7 +17,10 @@ pub mod types;
 
 pub use placement::{PlaceError, PlacementNode, place};
 pub use shard_map::{MapError, ShardMap};
-pub use types::{Epoch, NodeId, NodeStatus, Revision, SLOT_COUNT, Slot, Term, ValueError, Weight};
+pub use types::{
+    Epoch, NodeId, NodeStatus, Revision, SLOT_BITS, SLOT_COUNT, Slot, SlotBlock, SlotSet, Term,
+    ValueError, Weight,
+};
 pub mod core;
 pub mod invariants;
 pub mod sim;

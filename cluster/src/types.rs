@@ -7,6 +7,11 @@ use std::sync::Arc;
 /// Number of slots the key space is divided into. Fixed for the life of a cluster.
 pub const SLOT_COUNT: usize = 1024;
 
+/// Bits of a slot number: `SLOT_COUNT == 1 << SLOT_BITS`.
+pub const SLOT_BITS: u32 = 10;
+
+const _: () = assert!(SLOT_COUNT == 1 << SLOT_BITS);
+
 /// Longest node id accepted, in bytes.
 pub const NODE_ID_MAX_LEN: usize = 64;
 
@@ -274,6 +279,70 @@ impl SlotSet {
     }
 }
 
+/// An aligned power-of-two run of slots: the `1 << log2_len` slots from `start`, where `start`
+/// is a multiple of that length. Such a run is exactly the slots whose numbers share their
+/// first `SLOT_BITS - log2_len` bits, so one subject wildcard can name it (see the node's read
+/// subjects).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug)]
+pub struct SlotBlock {
+    /// Its first slot.
+    pub start: Slot,
+    /// The base-2 logarithm of its length, `0..=SLOT_BITS`.
+    pub log2_len: u32,
+}
+
+impl SlotBlock {
+    /// How many slots it holds.
+    pub fn len(self) -> usize {
+        1 << self.log2_len
+    }
+
+    /// Never empty; here for the `len` convention.
+    pub fn is_empty(self) -> bool {
+        false
+    }
+
+    /// Its slots in order.
+    pub fn slots(self) -> impl Iterator<Item = Slot> {
+        (self.start.index()..self.start.index() + self.len()).map(|i| Slot(i as u16))
+    }
+}
+
+impl SlotSet {
+    /// The set as aligned blocks, in slot order: each block as long as the set and alignment
+    /// allow, so that no two blocks could merge into one. Their union is the set, and they are
+    /// disjoint. A contiguous run of slots takes at most `2 * SLOT_BITS` blocks, and all slots
+    /// one.
+    pub fn aligned_blocks(&self) -> Vec<SlotBlock> {
+        let mut out = Vec::new();
+        let mut i = 0usize;
+        while i < SLOT_COUNT {
+            if !self.contains(Slot(i as u16)) {
+                i += 1;
+                continue;
+            }
+            // The largest block that starts here: aligned at `i`, inside the set.
+            let align = if i == 0 {
+                SLOT_BITS
+            } else {
+                i.trailing_zeros().min(SLOT_BITS)
+            };
+            let mut log2_len = 0;
+            while log2_len < align
+                && (i..i + (2 << log2_len)).all(|j| self.contains(Slot(j as u16)))
+            {
+                log2_len += 1;
+            }
+            out.push(SlotBlock {
+                start: Slot(i as u16),
+                log2_len,
+            });
+            i += 1 << log2_len;
+        }
+        out
+    }
+}
+
 impl FromIterator<Slot> for SlotSet {
     fn from_iter<I: IntoIterator<Item = Slot>>(iter: I) -> Self {
         let mut set = SlotSet::EMPTY;
@@ -350,6 +419,38 @@ mod tests {
         let other: SlotSet = [5u64].iter().map(|&n| Slot::from_hash(n)).collect();
         assert_eq!(set.minus(&other).len(), 3);
         assert!(SlotSet::EMPTY.is_empty());
+    }
+
+    #[test]
+    fn aligned_blocks_cover_the_set_with_the_fewest_blocks() {
+        let set_of = |r: std::ops::Range<u64>| -> SlotSet { r.map(Slot::from_hash).collect() };
+        let all = set_of(0..1024);
+        assert_eq!(
+            all.aligned_blocks(),
+            vec![SlotBlock {
+                start: Slot(0),
+                log2_len: SLOT_BITS
+            }]
+        );
+        assert!(SlotSet::EMPTY.aligned_blocks().is_empty());
+        // 3..13 = {3} + 4..8 + 8..12 + {12}.
+        let blocks = set_of(3..13).aligned_blocks();
+        let got: Vec<(u16, u32)> = blocks.iter().map(|b| (b.start.get(), b.log2_len)).collect();
+        assert_eq!(got, vec![(3, 0), (4, 2), (8, 2), (12, 0)]);
+        // A third of the slots, as placement hands them out.
+        let third = set_of(342..683);
+        let blocks = third.aligned_blocks();
+        assert!(blocks.len() <= 2 * SLOT_BITS as usize, "{blocks:?}");
+        let back: SlotSet = blocks.iter().flat_map(|b| b.slots()).collect();
+        assert_eq!(back, third);
+        let last = set_of(1023..1024).aligned_blocks();
+        assert_eq!(
+            last,
+            vec![SlotBlock {
+                start: Slot(1023),
+                log2_len: 0
+            }]
+        );
     }
 
     #[test]

@@ -10,8 +10,10 @@
 //! - **Checkpoints** in the object store `<c>-checkpoints`, object `<model>.<slot>.<position>`
 //!   (20 digits), every `checkpoint_every` deltas or `checkpoint_ms`, keeping the last
 //!   `keep_checkpoints`; a starting owner restores the newest and replays the tail.
-//! - **Reads**: `<c>.model.<model>.<slot>.get` with `{"rows": [...]}` → `{"ok": {"rows":
-//!   [[...], ...], "position": N}}`.
+//! - **Reads**: `<c>.model.<model>.get.<b9>.….<b0>` (the slot's ten bits, most significant
+//!   first) with `{"rows": [...]}` → `{"ok": {"rows": [[...], ...], "position": N}}`. A node
+//!   subscribes once per aligned block of the slots it holds of a model (one wildcard for all
+//!   1,024), and a router hands each read to its slot model (see [`route_reads`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -46,9 +48,71 @@ pub fn dlq_subject(cluster: &str, model: &str) -> String {
     format!("{cluster}.delta.{model}.dlq")
 }
 
-/// A model slot's read subject.
+/// The prefix of a model's read subjects, up to the slot's bits.
+fn read_prefix(cluster: &str, model: &str) -> String {
+    format!("{cluster}.model.{model}.get.")
+}
+
+/// The first `n` bits of `slot`, most significant first, as subject tokens (`0` or `1`).
+fn slot_bit_tokens(slot: Slot, n: u32) -> impl Iterator<Item = &'static str> {
+    (0..n.min(cluster::SLOT_BITS)).map(move |i| {
+        if slot.get() >> (cluster::SLOT_BITS - 1 - i) & 1 == 1 {
+            "1"
+        } else {
+            "0"
+        }
+    })
+}
+
+/// A model slot's read subject: `<c>.model.<model>.get.` and the slot's ten bits, most
+/// significant first (slot 5 is `….get.0.0.0.0.0.0.0.1.0.1`), so that one wildcard names an
+/// aligned block of slots (see [`read_block_subject`]).
 pub fn read_subject(cluster: &str, model: &str, slot: Slot) -> String {
-    format!("{cluster}.model.{model}.{}.get", slot.get())
+    read_block_subject(
+        cluster,
+        model,
+        cluster::SlotBlock {
+            start: slot,
+            log2_len: 0,
+        },
+    )
+}
+
+/// The subscription subject of an aligned block of a model's slots: the bits its slots share,
+/// then `>` for the rest (the exact subject for a block of one).
+pub fn read_block_subject(cluster: &str, model: &str, block: cluster::SlotBlock) -> String {
+    block_subject(&read_prefix(cluster, model), block)
+}
+
+/// [`read_block_subject`] after a model's [`read_prefix`].
+fn block_subject(prefix: &str, block: cluster::SlotBlock) -> String {
+    let shared = cluster::SLOT_BITS - block.log2_len.min(cluster::SLOT_BITS);
+    let mut tokens: Vec<&str> = slot_bit_tokens(block.start, shared).collect();
+    if block.log2_len > 0 {
+        tokens.push(">");
+    }
+    format!("{prefix}{}", tokens.join("."))
+}
+
+/// The slot a read subject names, given its model's [`read_prefix`]: `None` unless exactly ten
+/// `0`/`1` tokens follow the prefix.
+fn slot_of_read_subject(prefix: &str, subject: &str) -> Option<Slot> {
+    let bits = subject.strip_prefix(prefix)?;
+    let mut n = 0u64;
+    let mut count = 0;
+    for token in bits.split('.') {
+        n = n << 1
+            | match token {
+                "0" => 0,
+                "1" => 1,
+                _ => return None,
+            };
+        count += 1;
+    }
+    if count != cluster::SLOT_BITS {
+        return None;
+    }
+    Slot::new(n).ok()
 }
 
 /// The checkpoints bucket.
@@ -771,14 +835,18 @@ impl SlotModel {
     /// checkpoint: the table cannot be read, and the deltas it applied since its last
     /// checkpoint are still in the stream. Its group is then restarted elsewhere from that
     /// checkpoint, so nothing acknowledged is lost and nothing is applied twice.
+    ///
+    /// Boxed, with its state: a future keeps its arguments beside its locals, and a node runs
+    /// a task per slot of every model it serves.
     pub async fn run(
-        self,
-        state: (gpu::Table, u64, HashMap<u32, u64>),
+        self: Box<Self>,
+        state: Box<(gpu::Table, u64, HashMap<u32, u64>)>,
         mut inbox: tokio::sync::mpsc::Receiver<Queued>,
+        mut reads: tokio::sync::mpsc::Receiver<ReadRequest>,
         lease: Arc<crate::tables::DeviceLease>,
         mut kept: std::collections::VecDeque<String>,
     ) -> SlotExit {
-        let (mut table, mut position, mut chains) = state;
+        let (mut table, mut position, mut chains) = *state;
         let range = table.rows();
         // Mirrors a loss reported by another table on the device into this one, so that every
         // later operation refuses it.
@@ -796,17 +864,6 @@ impl SlotModel {
             }
             Metrics::inc(&self.metrics.tables_lost_total);
             SlotExit::Lost
-        };
-        let mut reads = match self
-            .client
-            .subscribe(read_subject(&self.cluster, &self.model, self.slot))
-            .await
-        {
-            Ok(s) => Some(s),
-            Err(e) => {
-                warn!(error = %e, "cannot serve reads");
-                None
-            }
         };
         let mut since_ckpt = 0u64;
         let mut gate = ReadGate::Unknown;
@@ -830,12 +887,10 @@ impl SlotModel {
                 let next = if frames == 0 {
                     tokio::select! {
                         m = inbox.recv() => m,
-                        r = async { match reads.as_mut() { Some(s) => s.next().await, None => std::future::pending().await } } => {
-                            if let Some(req) = r {
-                                guard(&mut table);
-                                if let Err(e) = Box::pin(self.answer(&table, position, &mut gate, req)).await {
-                                    return lost(&e);
-                                }
+                        Some(req) = reads.recv() => {
+                            guard(&mut table);
+                            if let Err(e) = Box::pin(self.answer(&table, position, &mut gate, *req)).await {
+                                return lost(&e);
                             }
                             continue;
                         }
@@ -954,10 +1009,13 @@ impl SlotModel {
                     let mut headers = async_nats::HeaderMap::new();
                     let held = received.elapsed().as_micros().to_string();
                     headers.insert(HELD_US_HEADER, held.as_str());
-                    let _ = self
-                        .client
-                        .publish_with_headers(subject.clone(), headers, t)
-                        .await;
+                    // Boxed: traced frames are rare, and the publish is the largest thing
+                    // a slot task would otherwise carry room for.
+                    let _ = Box::pin(
+                        self.client
+                            .publish_with_headers(subject.clone(), headers, t),
+                    )
+                    .await;
                 }
                 self.metrics
                     .deltas_applied_total
@@ -1191,6 +1249,73 @@ enum ReadGate {
     Open,
 }
 
+/// Reads a slot model may have waiting; one more is answered `busy` (and the reader asks
+/// again).
+const SLOT_READ_QUEUE: usize = 32;
+
+/// A read on its way from the router to its slot model (boxed: a slot's read queue is a
+/// channel whose blocks hold 32 entries, and a node runs one per slot of every model).
+pub type ReadRequest = Box<async_nats::Message>;
+
+/// Serves the reads of a model's slots on this node: subscribes once per aligned block of the
+/// slots in `routes` (see [`cluster::SlotSet::aligned_blocks`]; one subscription when the node
+/// holds every slot, at most 20 for a run of slots) and hands each read to its slot model's
+/// queue. A read it cannot hand over is answered at once, and counted: `bad_request` (its
+/// subject names no slot held here), `busy` (the slot's queue is full), `stopping` (the slot
+/// model has ended). Ends when a subscription fails (the group is then restarted) or when it
+/// is aborted with its group.
+///
+/// A node subscribes to the slots it holds and no others, so a read of a slot nobody here
+/// holds gets "no responders" at once, and the reader asks again (a slot moving).
+async fn route_reads(
+    client: async_nats::Client,
+    prefix: String,
+    routes: HashMap<u16, tokio::sync::mpsc::Sender<ReadRequest>>,
+    metrics: Arc<Metrics>,
+) {
+    let held: cluster::SlotSet = routes
+        .keys()
+        .filter_map(|&k| Slot::new(u64::from(k)).ok())
+        .collect();
+    let mut subs = Vec::new();
+    for block in held.aligned_blocks() {
+        match client.subscribe(block_subject(&prefix, block)).await {
+            Ok(s) => subs.push(s),
+            Err(e) => {
+                warn!(error = %e, "cannot serve reads; the model's slots restart at the next reconcile");
+                return;
+            }
+        }
+    }
+    let mut requests = futures::stream::select_all(subs);
+    while let Some(req) = requests.next().await {
+        let Some(reply) = req.reply.clone() else {
+            Metrics::inc(&metrics.reads_refused_total);
+            continue;
+        };
+        let route = slot_of_read_subject(&prefix, &req.subject)
+            .and_then(|slot| routes.get(&slot.get()).map(|tx| (slot, tx)));
+        let refused = match route {
+            None => {
+                json!({"error": {"kind": "bad_request", "message": format!("{} names no slot served here", req.subject)}})
+            }
+            Some((slot, tx)) => match tx.try_send(Box::new(req)) {
+                Ok(()) => continue,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                    json!({"error": {"kind": "busy", "message": format!("slot {} has {SLOT_READ_QUEUE} reads waiting", slot.get())}})
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    json!({"error": {"kind": "stopping", "message": format!("slot {} is stopping here", slot.get())}})
+                }
+            },
+        };
+        Metrics::inc(&metrics.reads_refused_total);
+        let _ = client
+            .publish(reply, Bytes::from(refused.to_string()))
+            .await;
+    }
+}
+
 /// How a slot model ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlotExit {
@@ -1315,6 +1440,8 @@ pub struct ModelHost {
 struct Group {
     slots: std::collections::BTreeSet<u16>,
     pump: tokio::task::JoinHandle<()>,
+    /// The group's read router ([`route_reads`]).
+    reads: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<SlotExit>>,
     lease: Arc<crate::tables::DeviceLease>,
 }
@@ -1375,6 +1502,8 @@ impl ModelHost {
             .filter(|(m, g)| {
                 want.get(*m).is_none_or(|w| w.2 != g.slots)
                     || g.pump.is_finished()
+                    // Its reads are not served (a subscription failed).
+                    || g.reads.is_finished()
                     // A lost device (or a slot model that stopped on one): rebuild elsewhere.
                     || g.lease.is_lost()
                     || g.tasks.iter().any(|t| t.is_finished())
@@ -1390,6 +1519,9 @@ impl ModelHost {
                 for t in g.tasks {
                     let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
                 }
+                // Reads of the stopped slots were answered `stopping` meanwhile; now nobody
+                // answers them here, and readers retry until the new owner does.
+                g.reads.abort();
             }
         }
         for (model, (rows, dim, slots)) in want {
@@ -1514,17 +1646,26 @@ impl ModelHost {
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
         let (lease, states) = self.place_tables(model, dim, states)?;
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<Queued>> = HashMap::new();
+        let mut read_routes: HashMap<u16, tokio::sync::mpsc::Sender<ReadRequest>> = HashMap::new();
         let mut tasks = Vec::new();
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
+            let (read_tx, read_rx) = tokio::sync::mpsc::channel(SLOT_READ_QUEUE);
+            read_routes.insert(m.slot.get(), read_tx);
             let kept = m.own(&names).cloned().collect();
             let span = tracing::info_span!("slot_model", model = %m.model, slot = m.slot.get());
             tasks.push(tokio::spawn(tracing::Instrument::instrument(
-                m.run(state, rx, lease.clone(), kept),
+                Box::new(m).run(Box::new(state), rx, read_rx, lease.clone(), kept),
                 span,
             )));
         }
+        let reads = tokio::spawn(route_reads(
+            self.client.clone(),
+            read_prefix(&self.cluster, model),
+            read_routes,
+            self.metrics.clone(),
+        ));
         let stream = self.js.get_stream(deltas_stream(&self.cluster)).await?;
         let filters: Vec<String> = slots
             .iter()
@@ -1584,6 +1725,7 @@ impl ModelHost {
         Ok(Group {
             slots: slots.clone(),
             pump,
+            reads,
             tasks,
             lease,
         })
@@ -1672,7 +1814,10 @@ async fn read_reply(
         {
             Ok(m) => {
                 let v: Value = serde_json::from_slice(&m.payload).map_err(|e| e.to_string())?;
-                if v["error"]["kind"] != "behind" {
+                // Catching up, or a slot whose queue is full or which is moving away: ask again.
+                if !["behind", "busy", "stopping"]
+                    .contains(&v["error"]["kind"].as_str().unwrap_or(""))
+                {
                     return Ok(v);
                 }
                 (Ok(v), Duration::from_millis(20))
@@ -2484,6 +2629,53 @@ mod tests {
         // 1,024 slots × 2 × 32 entries of this size.
         let size = std::mem::size_of::<Queued>();
         assert!(size <= 64, "{size} bytes");
+    }
+
+    #[test]
+    fn a_read_request_is_small_since_every_slot_has_a_read_queue() {
+        assert_eq!(std::mem::size_of::<ReadRequest>(), 8);
+    }
+
+    #[test]
+    fn read_subjects_spell_the_slot_in_bits_and_blocks_as_wildcards() {
+        let slot = |n| Slot::new(n).unwrap();
+        assert_eq!(
+            read_subject("c", "m", slot(5)),
+            "c.model.m.get.0.0.0.0.0.0.0.1.0.1"
+        );
+        let prefix = read_prefix("c", "m");
+        for n in [0, 1, 5, 512, 777, 1023] {
+            assert_eq!(
+                slot_of_read_subject(&prefix, &read_subject("c", "m", slot(n))),
+                Some(slot(n))
+            );
+        }
+        let all: cluster::SlotSet = Slot::all().collect();
+        let blocks = all.aligned_blocks();
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(read_block_subject("c", "m", blocks[0]), "c.model.m.get.>");
+        // Slots 4..8: the first eight bits, then the rest.
+        let four: cluster::SlotSet = (4..8).map(slot).collect();
+        let blocks = four.aligned_blocks();
+        assert_eq!(
+            blocks
+                .iter()
+                .map(|b| read_block_subject("c", "m", *b))
+                .collect::<Vec<_>>(),
+            vec!["c.model.m.get.0.0.0.0.0.0.0.1.>"]
+        );
+        // Malformed: too few or too many bits, other tokens, another model.
+        for bad in [
+            "c.model.m.get.0.1",
+            "c.model.m.get.0.0.0.0.0.0.0.1.0.1.1",
+            "c.model.m.get.0.0.0.0.0.0.0.1.0.2",
+            "c.model.m.get.0.0.0.0.0.0.0.1.0.x",
+            "c.model.m.get.",
+            "c.model.n.get.0.0.0.0.0.0.0.1.0.1",
+            "c.model.m.5.get",
+        ] {
+            assert_eq!(slot_of_read_subject(&prefix, bad), None, "{bad}");
+        }
     }
 
     #[test]

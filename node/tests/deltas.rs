@@ -449,6 +449,18 @@ async fn a_fresh_read_sees_every_acknowledged_write() {
     let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
     assert_eq!(v["error"]["kind"], "behind", "{v}");
     assert!(v["error"]["position"].as_u64().is_some(), "{v}");
+    // A subject under the owner's wildcard for slot 0's block that names no slot (a token
+    // that is not a bit) is refused by its read router, not dropped.
+    let reply = c
+        .client
+        .request(
+            "tessel.model.r.get.0.0.x",
+            json!({"rows": [0]}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v["error"]["kind"], "bad_request", "{v}");
     // Each acknowledged write is seen by the fresh read right after it, on whichever slots
     // and owners it landed (values differ per round, so a stale read cannot pass).
     let js = async_nats::jetstream::new(c.client.clone());
