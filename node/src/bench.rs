@@ -856,6 +856,8 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     }
     anyhow::ensure!(ready, "the model's owner never applied a probe");
     while applied.try_recv().is_ok() {}
+    // The model's cost before any load: its zero tables, slot tasks, queues, subscriptions.
+    let rss_serving = rss_bytes(pid).unwrap_or(0);
     let server = c.nats.server(0).and_then(crate::natsd::NatsServer::pid);
     let cpu = CpuSeconds::now(server, Some(pid));
     let t0 = Instant::now();
@@ -904,6 +906,13 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     ));
     let rss_after = rss_bytes(pid).unwrap_or(0);
     let table_bytes = rows * u64::from(DIM) * 4;
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    eprintln!(
+        "bench: deltas node memory: table {:.1} MiB; resident +{:.1} MiB once serving, +{:.1} MiB after the run",
+        mib(table_bytes),
+        mib(rss_serving.saturating_sub(rss_before)),
+        mib(rss_after.saturating_sub(rss_before)),
+    );
     out.push(BenchResult::new(
         "node memory growth per table byte",
         rss_after.saturating_sub(rss_before) as f64 / table_bytes as f64,
