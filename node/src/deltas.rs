@@ -1288,6 +1288,10 @@ async fn route_reads(
             }
         }
     }
+    if subs.is_empty() {
+        // No slots (a group always has some): nothing to serve, and nothing to restart for.
+        return std::future::pending().await;
+    }
     let mut requests = futures::stream::select_all(subs);
     while let Some(req) = requests.next().await {
         let Some(reply) = req.reply.clone() else {
