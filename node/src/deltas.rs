@@ -178,6 +178,34 @@ fn off_worker<R>(device: gpu::DeviceKind, f: impl FnOnce() -> R) -> R {
     }
 }
 
+/// Runs `f` on a slot's table where its device wants the work done: on the device's own
+/// threads when it has them (a CUDA device, or the CPU with `delta_cpu_apply_on_threads`),
+/// the table going there and coming back so that the slot task waits without holding a
+/// runtime thread; otherwise through [`off_worker`]. `None` when the job did not finish (its
+/// thread panicked, or the threads are gone): the table went with it, and the slot stops as
+/// on a device loss.
+async fn on_device<R: Send + 'static>(
+    lease: &crate::tables::DeviceLease,
+    cpu_on_threads: bool,
+    mut table: gpu::Table,
+    f: impl FnOnce(&mut gpu::Table) -> R + Send + 'static,
+) -> Option<(gpu::Table, R)> {
+    match lease.threads(cpu_on_threads) {
+        Some(threads) => {
+            threads
+                .run(move || {
+                    let r = f(&mut table);
+                    (table, r)
+                })
+                .await
+        }
+        None => {
+            let r = off_worker(table.device().kind, || f(&mut table));
+            Some((table, r))
+        }
+    }
+}
+
 /// Applies a window's rows and values to `table` in batches of at most `max_batch_rows` (the
 /// table's staging limit): all batches or none.
 fn apply_window(
@@ -775,19 +803,21 @@ impl SlotModel {
         true
     }
 
-    /// Writes a checkpoint of `table` at `position`. A table that cannot be exported (its
-    /// device was lost) writes nothing and returns the error.
+    /// Writes a checkpoint at `position` of `table`, whose rows `exported` are (the export
+    /// is the caller's: see [`on_device`]). A table that could not be exported (its device
+    /// was lost) writes nothing and returns the error.
     /// `kept` is the slot's checkpoints, oldest first (as listed when the slot was restored),
     /// kept up to date here: a checkpoint costs a put and a delete, not a listing of every
     /// checkpoint of the model (each listing is a server-side consumer).
     async fn checkpoint(
         &self,
+        exported: Result<Vec<f32>, gpu::Error>,
         table: &gpu::Table,
         position: u64,
         chains: &HashMap<u32, u64>,
         kept: &mut std::collections::VecDeque<String>,
     ) -> Result<(), gpu::Error> {
-        let data = off_worker(table.device().kind, || table.export())?;
+        let data = exported?;
         let name = checkpoint_name(&self.model, self.slot, position);
         let bytes = encode_checkpoint(table.rows(), table.dim(), &data, position, chains);
         drop(data);
@@ -963,36 +993,26 @@ impl SlotModel {
             }
             if !batch_rows.is_empty() {
                 let apply_started = Instant::now();
-                let applied = match lease.threads(self.cfg.cpu_apply_on_threads) {
-                    // The device's threads wait for it; this task waits for them.
-                    Some(threads) => {
-                        let job = move || {
-                            let done = apply_window(
-                                &mut table,
-                                &batch_rows,
-                                &batch_values,
-                                max_batch_rows,
-                            );
-                            (table, batch_rows, batch_values, done)
-                        };
-                        // Boxed: the job holds the window, and every slot task would carry
-                        // room for it.
-                        match Box::pin(threads.run(job)).await {
-                            Some((t, r, v, done)) => {
-                                (table, batch_rows, batch_values) = (t, r, v);
-                                done
-                            }
-                            None => {
-                                return lost(&gpu::Error::Driver(
-                                    "an apply on the device's threads did not finish".into(),
-                                ));
-                            }
-                        }
-                    }
-                    None => off_worker(table.device().kind, || {
-                        apply_window(&mut table, &batch_rows, &batch_values, max_batch_rows)
-                    }),
+                let rows_values = (batch_rows, batch_values);
+                let job = move |t: &mut gpu::Table| {
+                    let done = apply_window(t, &rows_values.0, &rows_values.1, max_batch_rows);
+                    (rows_values, done)
                 };
+                // Boxed: the job holds the window, and every slot task would carry room for it.
+                let applied =
+                    match Box::pin(on_device(&lease, self.cfg.cpu_apply_on_threads, table, job))
+                        .await
+                    {
+                        Some((t, ((r, v), done))) => {
+                            (table, batch_rows, batch_values) = (t, r, v);
+                            done
+                        }
+                        None => {
+                            return lost(&gpu::Error::Driver(
+                                "an apply on the device's threads did not finish".into(),
+                            ));
+                        }
+                    };
                 if let Err(e) = applied {
                     // A validated window cannot be refused for its content: the device failed,
                     // and the window's deltas (already counted in `position`) must come again
@@ -1035,8 +1055,26 @@ impl SlotModel {
                     && last_ckpt.elapsed() >= Duration::from_millis(self.cfg.checkpoint_ms));
             if due || (!open && since_ckpt > 0) {
                 guard(&mut table);
+                let exported = match Box::pin(on_device(
+                    &lease,
+                    self.cfg.cpu_apply_on_threads,
+                    table,
+                    |t: &mut gpu::Table| t.export(),
+                ))
+                .await
+                {
+                    Some((t, data)) => {
+                        table = t;
+                        data
+                    }
+                    None => {
+                        return lost(&gpu::Error::Driver(
+                            "a checkpoint export on the device's threads did not finish".into(),
+                        ));
+                    }
+                };
                 if let Err(e) =
-                    Box::pin(self.checkpoint(&table, position, &chains, &mut kept)).await
+                    Box::pin(self.checkpoint(exported, &table, position, &chains, &mut kept)).await
                 {
                     return lost(&e);
                 }
