@@ -10,13 +10,14 @@
 //!
 //! Modules: [`cpu`] (the CPU twin), [`table`] (one table API over every device kind),
 //! [`placement`] (does a model fit a device), [`bench`] (kernel benchmarks), `slab` (huge-page
-//! slabs that small CPU tables are cut from), and `cuda` (CUDA discovery, kernels and tables;
-//! only with the `cuda` feature).
+//! slabs that small CPU tables are cut from), [`host`] (giving the C allocator's free memory
+//! back), and `cuda` (CUDA discovery, kernels and tables; only with the `cuda` feature).
 
 pub mod bench;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod host;
 pub mod placement;
 mod slab;
 pub mod table;

@@ -904,14 +904,45 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         "rows/s",
         Some(("raw publish while consuming", overlapped_rate)),
     ));
+    let rss_run = rss_bytes(pid).unwrap_or(0);
+    // The resident cost at rest: once the node, quiet after the run, has given the allocator's
+    // free memory back (`memory_trim_idle_ms`, 2 s by default; see `idle_trim`).
+    let trims = |addr: Option<String>| async move {
+        let (_, text) = crate::natsd::http_get(&addr?, "/metrics").await.ok()?;
+        crate::metrics::parse(&text)
+            .ok()?
+            .into_iter()
+            .find(|(k, _)| k == "tessel_memory_trims_total")
+            .map(|(_, v)| v)
+    };
+    let addr = c.http.get("n1").cloned();
+    let trims_at_run = trims(addr.clone()).await;
+    let rested = Instant::now();
+    let mut trimmed = false;
+    while rested.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if trims(addr.clone()).await > trims_at_run {
+            trimmed = true;
+            break;
+        }
+    }
     let rss_after = rss_bytes(pid).unwrap_or(0);
     let table_bytes = rows * u64::from(DIM) * 4;
     let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
     eprintln!(
-        "bench: deltas node memory: table {:.1} MiB; resident +{:.1} MiB once serving, +{:.1} MiB after the run",
+        "bench: deltas node memory: table {:.1} MiB; resident +{:.1} MiB once serving, +{:.1} MiB after the run, +{:.1} MiB at rest ({})",
         mib(table_bytes),
         mib(rss_serving.saturating_sub(rss_before)),
+        mib(rss_run.saturating_sub(rss_before)),
         mib(rss_after.saturating_sub(rss_before)),
+        if trimmed {
+            format!(
+                "the node's idle trim came {:.1} s after the run",
+                rested.elapsed().as_secs_f64()
+            )
+        } else {
+            "no idle trim within 15 s".into()
+        },
     );
     out.push(BenchResult::new(
         "node memory growth per table byte",

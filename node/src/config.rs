@@ -137,6 +137,9 @@ pub struct NodeConfig {
     /// Apply CPU tables' windows on the device's own threads, as GPU tables always are,
     /// instead of inline on the async runtime (where a small window costs least).
     pub delta_cpu_apply_on_threads: bool,
+    /// Once the node has applied nothing for this long after work, it gives the allocator's
+    /// free memory back to the system (once per quiet spell; 0: never). See `idle_trim`.
+    pub memory_trim_idle_ms: u64,
     /// NATS user (with `password`).
     pub user: Option<String>,
     /// NATS password.
@@ -195,6 +198,7 @@ impl Default for NodeConfig {
             checkpoint_interval_ms: 10_000,
             checkpoints_kept: 3,
             delta_cpu_apply_on_threads: false,
+            memory_trim_idle_ms: 2_000,
             user: None,
             password: None,
             creds_file: None,
@@ -294,6 +298,7 @@ impl NodeConfig {
             checkpoint_interval_ms,
             checkpoints_kept,
             delta_cpu_apply_on_threads,
+            memory_trim_idle_ms,
             fault_injection
         );
         if let Some(v) = get("TESSEL_CAPACITY") {
@@ -411,6 +416,14 @@ impl NodeConfig {
             )));
         }
         range("connect_timeout_ms", self.connect_timeout_ms, 100, 60_000)?;
+        if self.memory_trim_idle_ms != 0 {
+            range(
+                "memory_trim_idle_ms",
+                self.memory_trim_idle_ms,
+                100,
+                3_600_000,
+            )?;
+        }
         range(
             "connect_retry_for_ms",
             self.connect_retry_for_ms,
@@ -530,7 +543,20 @@ mod tests {
 
     #[test]
     fn rules_are_enforced_with_names() {
+        // 0 turns the idle trim off; otherwise at least 100 ms.
+        let off = NodeConfig {
+            memory_trim_idle_ms: 0,
+            ..valid()
+        };
+        assert!(off.validate().is_ok());
         let cases: Vec<(NodeConfig, &str)> = vec![
+            (
+                NodeConfig {
+                    memory_trim_idle_ms: 50,
+                    ..valid()
+                },
+                "memory_trim_idle_ms",
+            ),
             (
                 NodeConfig {
                     node_id: "bad id".into(),

@@ -873,11 +873,13 @@ impl SlotModel {
         self: Box<Self>,
         state: Box<(gpu::Table, u64, HashMap<u32, u64>)>,
         mut inbox: tokio::sync::mpsc::Receiver<Box<Queued>>,
-        mut reads: tokio::sync::mpsc::Receiver<ReadRequest>,
+        reads: Arc<ReadQueue>,
         lease: Arc<crate::tables::DeviceLease>,
         mut kept: std::collections::VecDeque<String>,
     ) -> SlotExit {
         let (mut table, mut position, mut chains) = *state;
+        // Closes the slot's read queue however this ends.
+        let reads = ReadInbox(reads);
         let range = table.rows();
         // Mirrors a loss reported by another table on the device into this one, so that every
         // later operation refuses it.
@@ -918,7 +920,7 @@ impl SlotModel {
                 let next = if frames == 0 {
                     tokio::select! {
                         m = inbox.recv() => m,
-                        Some(req) = reads.recv() => {
+                        req = reads.0.pop() => {
                             guard(&mut table);
                             if let Err(e) = Box::pin(self.answer(&table, position, &mut gate, *req)).await {
                                 return lost(&e);
@@ -1292,9 +1294,82 @@ enum ReadGate {
 /// again).
 const SLOT_READ_QUEUE: usize = 32;
 
-/// A read on its way from the router to its slot model (boxed: a slot's read queue is a
-/// channel whose blocks hold 32 entries, and a node runs one per slot of every model).
+/// A read on its way from the router to its slot model.
 pub type ReadRequest = Box<async_nats::Message>;
+
+/// A slot's reads, handed over by the model's router and taken by the slot model: at most
+/// [`SLOT_READ_QUEUE`] waiting. A node keeps one per slot of every model it serves, so it is
+/// a deque behind a lock and a wake-up (about 100 bytes, nothing more until a read waits)
+/// rather than a tokio channel (800 bytes before its first message).
+#[derive(Default)]
+pub struct ReadQueue {
+    waiting: std::sync::Mutex<std::collections::VecDeque<ReadRequest>>,
+    ready: tokio::sync::Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Why a read was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadRefused {
+    /// [`SLOT_READ_QUEUE`] reads are waiting already.
+    Full,
+    /// The slot model has ended.
+    Closed,
+}
+
+impl ReadQueue {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<ReadRequest>> {
+        // A panic while the lock was held leaves a deque that is still whole.
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a read for the slot model.
+    pub fn push(&self, req: ReadRequest) -> Result<(), ReadRefused> {
+        use std::sync::atomic::Ordering;
+        {
+            let mut waiting = self.waiting();
+            if self.closed.load(Ordering::Acquire) {
+                return Err(ReadRefused::Closed);
+            }
+            if waiting.len() >= SLOT_READ_QUEUE {
+                return Err(ReadRefused::Full);
+            }
+            waiting.push_back(req);
+        }
+        // Wakes the slot model, or leaves a permit for its next wait.
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// The next read, waiting for one. Cancel-safe: a read is taken only when returned.
+    pub async fn pop(&self) -> ReadRequest {
+        loop {
+            if let Some(req) = self.waiting().pop_front() {
+                return req;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// Refuses every later read and drops those waiting (their readers time out and ask
+    /// again): the slot model has ended.
+    pub fn close(&self) {
+        let mut waiting = self.waiting();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        waiting.clear();
+    }
+}
+
+/// The slot model's end of its [`ReadQueue`]: closes it when dropped, however the slot model
+/// ends.
+struct ReadInbox(Arc<ReadQueue>);
+
+impl Drop for ReadInbox {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
 
 /// Serves the reads of a model's slots on this node: subscribes once per aligned block of the
 /// slots in `routes` (see [`cluster::SlotSet::aligned_blocks`]; one subscription when the node
@@ -1309,7 +1384,7 @@ pub type ReadRequest = Box<async_nats::Message>;
 async fn route_reads(
     client: async_nats::Client,
     prefix: String,
-    routes: HashMap<u16, tokio::sync::mpsc::Sender<ReadRequest>>,
+    routes: HashMap<u16, Arc<ReadQueue>>,
     metrics: Arc<Metrics>,
 ) {
     let held: cluster::SlotSet = routes
@@ -1342,12 +1417,12 @@ async fn route_reads(
             None => {
                 json!({"error": {"kind": "bad_request", "message": format!("{} names no slot served here", req.subject)}})
             }
-            Some((slot, tx)) => match tx.try_send(Box::new(req)) {
+            Some((slot, queue)) => match queue.push(Box::new(req)) {
                 Ok(()) => continue,
-                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => {
+                Err(ReadRefused::Full) => {
                     json!({"error": {"kind": "busy", "message": format!("slot {} has {SLOT_READ_QUEUE} reads waiting", slot.get())}})
                 }
-                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                Err(ReadRefused::Closed) => {
                     json!({"error": {"kind": "stopping", "message": format!("slot {} is stopping here", slot.get())}})
                 }
             },
@@ -1689,17 +1764,17 @@ impl ModelHost {
         let start = states.iter().map(|s| s.1).min().unwrap_or(0);
         let (lease, states) = self.place_tables(model, dim, states)?;
         let mut inboxes: HashMap<u16, tokio::sync::mpsc::Sender<Box<Queued>>> = HashMap::new();
-        let mut read_routes: HashMap<u16, tokio::sync::mpsc::Sender<ReadRequest>> = HashMap::new();
+        let mut read_routes: HashMap<u16, Arc<ReadQueue>> = HashMap::new();
         let mut tasks = Vec::new();
         for (m, state) in models.into_iter().zip(states) {
             let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.window_frames * 4);
             inboxes.insert(m.slot.get(), tx);
-            let (read_tx, read_rx) = tokio::sync::mpsc::channel(SLOT_READ_QUEUE);
-            read_routes.insert(m.slot.get(), read_tx);
+            let reads = Arc::new(ReadQueue::default());
+            read_routes.insert(m.slot.get(), reads.clone());
             let kept = m.own(&names).cloned().collect();
             let span = tracing::info_span!("slot_model", model = %m.model, slot = m.slot.get());
             tasks.push(tokio::spawn(tracing::Instrument::instrument(
-                Box::new(m).run(Box::new(state), rx, read_rx, lease.clone(), kept),
+                Box::new(m).run(Box::new(state), rx, reads, lease.clone(), kept),
                 span,
             )));
         }
@@ -2674,8 +2749,47 @@ mod tests {
     }
 
     #[test]
-    fn a_read_request_is_small_since_every_slot_has_a_read_queue() {
+    fn a_read_queue_is_small_since_every_slot_has_one() {
         assert_eq!(std::mem::size_of::<ReadRequest>(), 8);
+        let size = std::mem::size_of::<ReadQueue>();
+        assert!(size <= 128, "{size} bytes");
+    }
+
+    fn read(n: u32) -> ReadRequest {
+        Box::new(async_nats::Message {
+            subject: format!("r.{n}").into(),
+            reply: None,
+            payload: Bytes::new(),
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_read_queue_is_bounded_in_order_and_refuses_once_closed() {
+        let q = Arc::new(ReadQueue::default());
+        for n in 0..SLOT_READ_QUEUE as u32 {
+            assert_eq!(q.push(read(n)), Ok(()));
+        }
+        assert_eq!(q.push(read(99)), Err(ReadRefused::Full));
+        for n in 0..SLOT_READ_QUEUE as u32 {
+            assert_eq!(q.pop().await.subject.as_str(), format!("r.{n}"));
+        }
+        // A waiting slot model is woken by the next read.
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.pop().await.subject.to_string() }
+        });
+        tokio::task::yield_now().await;
+        assert_eq!(q.push(read(7)), Ok(()));
+        assert_eq!(waiter.await.unwrap(), "r.7");
+        // Its end closes the queue: later reads are refused, waiting ones dropped.
+        assert_eq!(q.push(read(8)), Ok(()));
+        drop(ReadInbox(q.clone()));
+        assert_eq!(q.push(read(9)), Err(ReadRefused::Closed));
+        assert!(q.waiting().is_empty());
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod deltas;
 pub mod demo;
 pub mod eventstore;
 pub mod http;
+pub mod idle_trim;
 pub mod localcluster;
 pub mod metrics;
 pub mod natsd;

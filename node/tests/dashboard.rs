@@ -92,6 +92,7 @@ async fn metrics_status_and_json_logs_of_a_real_node() {
     c.inner.env = vec![
         ("RUST_LOG".into(), "info,tessel_node::runtime=debug".into()),
         ("TESSEL_REPLICAS".into(), "1".into()),
+        ("TESSEL_MEMORY_TRIM_IDLE_MS".into(), "300".into()),
     ];
     c.spawn("n1");
     c.wait_settled_on(&["n1"], SETTLE).await;
@@ -141,6 +142,25 @@ async fn metrics_status_and_json_logs_of_a_real_node() {
     assert_eq!(
         metrics["tessel_model_max_slot_queue{model=\"emb\"}"], 0.0,
         "all applied"
+    );
+    // Quiet after the deltas, the node gives the allocator's free memory back: once more
+    // than it had when they were applied, then no more while it stays quiet.
+    let trims_then = metrics["tessel_memory_trims_total"];
+    let quiet = Instant::now();
+    let trims_after = loop {
+        let n = scrape(&addr).await["tessel_memory_trims_total"];
+        if n > trims_then {
+            break n;
+        }
+        assert!(quiet.elapsed() < SETTLE, "no idle trim after the deltas");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Three more intervals, well before the slots' first checkpoints (10 s) are work again.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        scrape(&addr).await["tessel_memory_trims_total"],
+        trims_after,
+        "trimmed again with no work in between"
     );
     for name in [
         "tessel_lease_renewals_total",

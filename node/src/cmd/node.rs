@@ -339,6 +339,7 @@ async fn start_actors(
         cfg.fault_injection,
     )
     .await?;
+    let metrics_trim = metrics.clone();
     let metrics_models = metrics;
     let hosted = Arc::new(std::sync::Mutex::new(SlotSet::EMPTY));
 
@@ -388,6 +389,9 @@ async fn start_actors(
         devices,
     };
     host.spawn(Duration::from_millis(500));
+    if cfg.memory_trim_idle_ms > 0 {
+        crate::idle_trim::spawn(metrics_trim, Duration::from_millis(cfg.memory_trim_idle_ms));
+    }
 
     Ok(Arc::new(move |set: SlotSet, start: bool| {
         if let Ok(mut h) = hosted.lock() {
