@@ -885,8 +885,8 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     let cpu = CpuSeconds::now(server, Some(pid)) - cpu;
     // The node's resident size right after the run, and its idle trims so far (see below).
     let rss_run = rss_bytes(pid).unwrap_or(0);
-    let addr = c.http.get("n1").cloned();
-    let trims_at_run = node_trims(addr.clone()).await;
+    let addr = c.http.get("n1").map(String::as_str);
+    let trims_at_run = node_trims(addr).await;
     let after = raw_delta_baselines(&js, &shape, "after").await?;
     let raw_rate = before.0.max(after.0);
     let overlapped_rate = before.1.max(after.1);
@@ -913,7 +913,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
     // baselines above may have taken long enough for it to come already.
     let mut trimmed = None;
     while done.elapsed() < Duration::from_secs(30) {
-        if node_trims(addr.clone()).await > trims_at_run {
+        if node_trims(addr).await > trims_at_run {
             trimmed = Some(done.elapsed());
             break;
         }
@@ -1147,8 +1147,8 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
 }
 
 /// A node's `tessel_memory_trims_total` from its `/metrics` at `addr`, if it can be read.
-async fn node_trims(addr: Option<String>) -> Option<f64> {
-    let (_, text) = crate::natsd::http_get(&addr?, "/metrics").await.ok()?;
+async fn node_trims(addr: Option<&str>) -> Option<f64> {
+    let (_, text) = crate::natsd::http_get(addr?, "/metrics").await.ok()?;
     crate::metrics::parse(&text)
         .ok()?
         .into_iter()

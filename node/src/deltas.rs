@@ -66,25 +66,18 @@ fn slot_bit_tokens(slot: Slot, n: u32) -> impl Iterator<Item = &'static str> {
 
 /// A model slot's read subject: `<c>.model.<model>.get.` and the slot's ten bits, most
 /// significant first (slot 5 is `….get.0.0.0.0.0.0.0.1.0.1`), so that one wildcard names an
-/// aligned block of slots (see [`read_block_subject`]).
+/// aligned block of slots (see [`block_subject`]).
 pub fn read_subject(cluster: &str, model: &str, slot: Slot) -> String {
-    read_block_subject(
-        cluster,
-        model,
-        cluster::SlotBlock {
-            start: slot,
-            log2_len: 0,
-        },
-    )
+    let one = cluster::SlotBlock {
+        start: slot,
+        log2_len: 0,
+    };
+    block_subject(&read_prefix(cluster, model), one)
 }
 
-/// The subscription subject of an aligned block of a model's slots: the bits its slots share,
-/// then `>` for the rest (the exact subject for a block of one).
-pub fn read_block_subject(cluster: &str, model: &str, block: cluster::SlotBlock) -> String {
-    block_subject(&read_prefix(cluster, model), block)
-}
-
-/// [`read_block_subject`] after a model's [`read_prefix`].
+/// The subscription subject of an aligned block of a model's slots, after the model's
+/// [`read_prefix`]: the bits its slots share, then `>` for the rest (the exact subject for a
+/// block of one).
 fn block_subject(prefix: &str, block: cluster::SlotBlock) -> String {
     let shared = cluster::SLOT_BITS - block.log2_len.min(cluster::SLOT_BITS);
     let mut tokens: Vec<&str> = slot_bit_tokens(block.start, shared).collect();
@@ -2809,14 +2802,14 @@ mod tests {
         let all: cluster::SlotSet = Slot::all().collect();
         let blocks = all.aligned_blocks();
         assert_eq!(blocks.len(), 1);
-        assert_eq!(read_block_subject("c", "m", blocks[0]), "c.model.m.get.>");
+        assert_eq!(block_subject(&prefix, blocks[0]), "c.model.m.get.>");
         // Slots 4..8: the first eight bits, then the rest.
         let four: cluster::SlotSet = (4..8).map(slot).collect();
         let blocks = four.aligned_blocks();
         assert_eq!(
             blocks
                 .iter()
-                .map(|b| read_block_subject("c", "m", *b))
+                .map(|b| block_subject(&prefix, *b))
                 .collect::<Vec<_>>(),
             vec!["c.model.m.get.0.0.0.0.0.0.0.1.>"]
         );

@@ -16,7 +16,8 @@
 //!   config has `fault_injection = true`; otherwise, and for anything malformed, the reply is
 //!   a typed error and `tessel_faults_refused_total` counts it.
 //! - **Device threads**: a device other than the CPU gets [`DEVICE_THREADS`] threads of its
-//!   own, started on first use, that run its tables' applies ([`DeviceLease::threads`]). An apply
+//!   own, started on first use, that run its tables' applies and checkpoint exports
+//!   ([`DeviceLease::threads`]). An apply
 //!   there waits for the device; on a runtime thread under `block_in_place` it handed the
 //!   runtime's worker to another thread on every call, and on 16 cores that churn cost the node
 //!   about five cores (docs/benchmarks.md). On the CPU an apply runs inline, where it is cheap.
