@@ -1188,8 +1188,9 @@ impl SlotModel {
         Ok(f)
     }
 
-    /// Answers a read. A lost device is returned (no reply: the reader retries until the
-    /// rebuilt table answers); any other refusal is a `bad_request` reply.
+    /// Answers a read ([`ReadAsk`]). A lost device is returned (no reply: the reader retries
+    /// until the rebuilt table answers); any other refusal is a `bad_request` reply, or
+    /// `too_large` for more rows than one answer can carry.
     async fn answer(
         &self,
         table: &gpu::Table,
@@ -1223,42 +1224,54 @@ impl SlotModel {
             // Not known yet: the reader asks again.
             ReadGate::Unknown => u64::MAX,
         };
-        let request = serde_json::from_slice::<Value>(&req.payload);
         // Read your writes: the reader may ask for the slot's state at or after a position
         // (the stream sequence of the last delta it must see); until the slot has taken it, or
         // the gate's, the answer is `behind`, and the reader asks again.
-        let needed = request.as_ref().map_or(gate_min, |v| {
-            v["min_position"].as_u64().unwrap_or(0).max(gate_min)
-        });
-        let body = match request {
-            Ok(_) if needed > position => json!({
+        let body = match ReadAsk::parse(&req.payload) {
+            Err(message) => {
+                Metrics::inc(&self.metrics.reads_refused_total);
+                json!({"error": {"kind": "bad_request", "message": message}})
+            }
+            Ok((_, min)) if min.max(gate_min) > position => json!({
                 "error": {
                     "kind": "behind",
                     "position": position,
-                    "min_position": needed,
+                    "min_position": min.max(gate_min),
                     "message": format!("the slot is at position {position}, behind the position asked for or the one it must reach before it answers"),
                 }
             }),
-            Ok(v) => {
-                let rows: Vec<u32> = v["rows"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                match table.gather(&rows) {
-                    Ok(vals) => {
-                        let d = table.dim().max(1);
-                        let out: Vec<&[f32]> = vals.chunks(d).collect();
-                        json!({"ok": {"rows": out, "position": position}})
+            Ok((ReadAsk::Rows(rows), _)) => {
+                let dim = table.dim().max(1);
+                let max_rows = max_answer_rows(self.client.server_info().max_payload, dim);
+                if rows.len() > max_rows {
+                    Metrics::inc(&self.metrics.reads_refused_total);
+                    json!({"error": {"kind": "too_large", "max_rows": max_rows, "message": format!(
+                        "{} rows of {dim} values may not fit in one answer; ask for at most {max_rows} at a time", rows.len())}})
+                } else {
+                    match table.gather(&rows) {
+                        Ok(vals) => {
+                            let out: Vec<&[f32]> = vals.chunks(dim).collect();
+                            json!({"ok": {"rows": out, "position": position}})
+                        }
+                        Err(e @ (gpu::Error::DeviceLost | gpu::Error::Driver(_))) => return Err(e),
+                        Err(e) => {
+                            Metrics::inc(&self.metrics.reads_refused_total);
+                            json!({"error": {"kind": "bad_request", "message": e.to_string()}})
+                        }
                     }
-                    Err(e @ (gpu::Error::DeviceLost | gpu::Error::Driver(_))) => return Err(e),
-                    Err(e) => json!({"error": {"kind": "bad_request", "message": e.to_string()}}),
                 }
             }
-            Err(e) => json!({"error": {"kind": "bad_request", "message": e.to_string()}}),
+            Ok((ReadAsk::Checksum, _)) => match Box::pin(table_checksum(table)).await {
+                Ok(checksum) => {
+                    let rows = table.rows();
+                    json!({"ok": {"checksum": format!("{checksum:016x}"), "position": position, "rows": rows.end - rows.start}})
+                }
+                Err(e @ (gpu::Error::DeviceLost | gpu::Error::Driver(_))) => return Err(e),
+                Err(e) => {
+                    Metrics::inc(&self.metrics.reads_refused_total);
+                    json!({"error": {"kind": "bad_request", "message": e.to_string()}})
+                }
+            },
         };
         let _ = self
             .client
@@ -1281,6 +1294,82 @@ enum ReadGate {
     Until(u64),
     /// Open for good.
     Open,
+}
+
+/// What a read asks of a slot (its request's body): rows, or the checksum of the whole table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadAsk {
+    /// `{"rows": [r, …]}`: these rows of the slot, in this order (a row may repeat).
+    Rows(Vec<u32>),
+    /// `{"checksum": true}`: [`data_checksum`] of the slot's whole table, so that a table can
+    /// be compared without shipping it (`tessel replay --verify`).
+    Checksum,
+}
+
+impl ReadAsk {
+    /// Parses a read's body: what it asks, and the position the answer must be at or after
+    /// (`min_position`, 0 when absent). A body that is not one of the two forms, or whose rows
+    /// are not all row numbers, is refused whole: answering the rows that parse would hand
+    /// back fewer rows than were asked for, out of place.
+    pub fn parse(payload: &[u8]) -> Result<(ReadAsk, u64), String> {
+        let v: Value =
+            serde_json::from_slice(payload).map_err(|e| format!("not a JSON read: {e}"))?;
+        let min = match &v["min_position"] {
+            Value::Null => 0,
+            m => m
+                .as_u64()
+                .ok_or_else(|| format!("min_position {m} is not a stream sequence"))?,
+        };
+        let ask = match (&v["rows"], &v["checksum"]) {
+            (Value::Array(rows), Value::Null) => ReadAsk::Rows(
+                rows.iter()
+                    .map(|r| r.as_u64().and_then(|r| u32::try_from(r).ok()))
+                    .collect::<Option<_>>()
+                    .ok_or("rows must all be row numbers (0 to 4294967295)")?,
+            ),
+            (Value::Null, Value::Bool(true)) => ReadAsk::Checksum,
+            _ => return Err("a read asks for {\"rows\": [...]} or {\"checksum\": true}".into()),
+        };
+        Ok((ask, min))
+    }
+}
+
+/// The most JSON bytes one f32 takes in an answer, with its separator. An answer's values go
+/// through `serde_json::Value`, which holds an f32 as the f64 of the same value and writes
+/// that f64's shortest form (so a reader parsing f64 gets the f32 back exactly): at most 23
+/// characters, such as `-1.1754943508222875e-38`.
+const JSON_F32_BYTES: usize = 24;
+
+/// What an answer holds besides its rows: the envelope, the position, the brackets.
+const ANSWER_ENVELOPE_BYTES: usize = 256;
+
+/// The most rows of `dim` values one answer carries within `max_payload` bytes (the server's
+/// limit): a read for more is answered `too_large` with this number, and the reader splits it.
+pub fn max_answer_rows(max_payload: usize, dim: usize) -> usize {
+    max_payload.saturating_sub(ANSWER_ENVELOPE_BYTES) / (dim.max(1) * JSON_F32_BYTES + 2)
+}
+
+/// Rows gathered at a time for a table's checksum: the host copy of a device table stays this
+/// small however large the slot is.
+const CHECKSUM_CHUNK_ROWS: u64 = 4_096;
+
+/// [`data_checksum`] of a table's values, row-major, gathered [`CHECKSUM_CHUNK_ROWS`] rows at a
+/// time (the hash is streamed, so this equals the checksum of the whole table in one piece),
+/// yielding to the runtime between chunks.
+async fn table_checksum(table: &gpu::Table) -> Result<u64, gpu::Error> {
+    let range = table.rows();
+    let mut h = actors::delta::WordHash::new();
+    let mut at = range.start;
+    while at < range.end {
+        let end = (at + CHECKSUM_CHUNK_ROWS).min(range.end);
+        let rows: Vec<u32> = (at..end)
+            .map(|r| u32::try_from(r).unwrap_or(u32::MAX))
+            .collect();
+        h.f32s(&table.gather(&rows)?);
+        at = end;
+        tokio::task::yield_now().await;
+    }
+    Ok(h.finish())
 }
 
 /// Reads a slot model may have waiting; one more is answered `busy` (and the reader asks
@@ -1495,28 +1584,48 @@ pub async fn get_rows(
     let mut out = vec![Vec::new(); rows.len()];
     for (slot, items) in by_slot {
         let slot = Slot::new(u64::from(slot)).map_err(|e| e.to_string())?;
-        let mut body = json!({"rows": items.iter().map(|(_, r)| r).collect::<Vec<_>>()});
-        if let Some(stream) = &stream {
-            // The slot's last delta now; none yet: nothing to wait for.
-            let last = last_delta_seq(stream, cluster, model, slot)
+        // The slot's last delta now; none yet: nothing to wait for.
+        let min_position = match &stream {
+            Some(stream) => last_delta_seq(stream, cluster, model, slot)
                 .await
-                .map_err(|e| format!("slot {}: the last delta: {e}", slot.get()))?;
-            if let Some(seq) = last {
+                .map_err(|e| format!("slot {}: the last delta: {e}", slot.get()))?,
+            None => None,
+        };
+        // All the slot's rows in one read, unless its owner says one answer cannot carry
+        // them: then in parts of the size it names.
+        let mut parts = std::collections::VecDeque::from([items.as_slice()]);
+        while let Some(part) = parts.pop_front() {
+            let mut body = json!({"rows": part.iter().map(|(_, r)| r).collect::<Vec<_>>()});
+            if let Some(seq) = min_position {
                 body["min_position"] = json!(seq);
             }
-        }
-        let (got, _) = read_request(
-            client,
-            cluster,
-            model,
-            slot,
-            &body,
-            Duration::from_secs(2),
-            timeout,
-        )
-        .await?;
-        for ((i, _), row) in items.iter().zip(got) {
-            out[*i] = row;
+            let v = read_reply(
+                client,
+                cluster,
+                model,
+                slot,
+                &body,
+                Duration::from_secs(2),
+                timeout,
+            )
+            .await?;
+            match answered_rows(&v, slot, part.len()) {
+                Ok(got) => {
+                    for ((i, _), row) in part.iter().zip(got) {
+                        out[*i] = row;
+                    }
+                }
+                Err(RowsRefused::TooLarge(max)) if (1..part.len()).contains(&max) => {
+                    parts.extend(part.chunks(max));
+                }
+                Err(RowsRefused::TooLarge(max)) => {
+                    return Err(format!(
+                        "slot {}: its owner answers at most {max} rows at a time",
+                        slot.get()
+                    ));
+                }
+                Err(RowsRefused::Other(e)) => return Err(e),
+            }
         }
     }
     Ok(out)
@@ -1874,33 +1983,80 @@ impl ModelHost {
 }
 
 /// Sends a read to a slot's owner, retrying (while a slot moves) until `timeout`; returns the
-/// rows asked for (in order) and the slot's applied position.
-async fn read_request(
+/// Why a read of rows got no rows.
+#[derive(Debug)]
+enum RowsRefused {
+    /// The owner can carry at most this many rows in one answer.
+    TooLarge(usize),
+    /// Anything else, said for the user.
+    Other(String),
+}
+
+/// The rows of a read's answer: exactly `asked` rows, each of `f32`s.
+fn answered_rows(v: &Value, slot: Slot, asked: usize) -> Result<Vec<Vec<f32>>, RowsRefused> {
+    let Some(got) = v["ok"]["rows"].as_array() else {
+        if v["error"]["kind"] == "too_large"
+            && let Some(max) = v["error"]["max_rows"].as_u64()
+        {
+            return Err(RowsRefused::TooLarge(
+                usize::try_from(max).unwrap_or(usize::MAX),
+            ));
+        }
+        return Err(RowsRefused::Other(format!(
+            "slot {}: {}",
+            slot.get(),
+            v["error"]
+        )));
+    };
+    if got.len() != asked {
+        return Err(RowsRefused::Other(format!(
+            "slot {}: {} rows answered for {asked} asked",
+            slot.get(),
+            got.len()
+        )));
+    }
+    got.iter()
+        .map(|row| {
+            row.as_array()
+                .and_then(|a| a.iter().map(|x| x.as_f64().map(|f| f as f32)).collect())
+                .ok_or_else(|| {
+                    RowsRefused::Other(format!("slot {}: a row that is not numbers", slot.get()))
+                })
+        })
+        .collect()
+}
+
+/// The checksum of a slot's whole table on its owner and the owner's position (its last
+/// applied stream sequence): a checksum read ([`ReadAsk::Checksum`]), asked again while the
+/// slot moves or catches up, up to `timeout`.
+pub async fn slot_checksum(
     client: &async_nats::Client,
     cluster: &str,
     model: &str,
     slot: Slot,
-    body: &Value,
-    attempt: Duration,
     timeout: Duration,
-) -> Result<(Vec<Vec<f32>>, u64), String> {
-    let v = read_reply(client, cluster, model, slot, body, attempt, timeout).await?;
-    let got = v["ok"]["rows"]
-        .as_array()
-        .ok_or_else(|| format!("slot {}: {}", slot.get(), v["error"]))?;
-    let rows = got
-        .iter()
-        .map(|row| {
-            row.as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter_map(|x| x.as_f64().map(|f| f as f32))
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
-        .collect();
-    Ok((rows, v["ok"]["position"].as_u64().unwrap_or(0)))
+) -> Result<(u64, u64), String> {
+    let body = json!({"checksum": true});
+    let v = read_reply(
+        client,
+        cluster,
+        model,
+        slot,
+        &body,
+        Duration::from_secs(5),
+        timeout,
+    )
+    .await?;
+    let ok = &v["ok"];
+    match (
+        ok["checksum"]
+            .as_str()
+            .and_then(|c| u64::from_str_radix(c, 16).ok()),
+        ok["position"].as_u64(),
+    ) {
+        (Some(checksum), Some(position)) => Ok((checksum, position)),
+        _ => Err(format!("slot {}: {}", slot.get(), v["error"])),
+    }
 }
 
 /// The reply to a read, as JSON, asked again until `timeout` while no owner answers (the slot
@@ -1946,31 +2102,6 @@ async fn read_reply(
         }
         tokio::time::sleep(pause).await;
     }
-}
-
-/// Reads a whole slot's rows and its applied position from the owner.
-pub async fn get_slot(
-    client: &async_nats::Client,
-    cluster: &str,
-    model: &str,
-    total_rows: u64,
-    slot: Slot,
-    timeout: Duration,
-) -> Result<(Vec<f32>, u64), String> {
-    let range = slot_rows(total_rows, slot);
-    let rows: Vec<u64> = range.collect();
-    let body = json!({"rows": rows});
-    let (got, position) = read_request(
-        client,
-        cluster,
-        model,
-        slot,
-        &body,
-        Duration::from_secs(5),
-        timeout,
-    )
-    .await?;
-    Ok((got.concat(), position))
 }
 
 /// Where a pass over the stream is (for progress bars).
@@ -2733,6 +2864,73 @@ impl SlotModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_read_body_is_rows_or_a_checksum_and_anything_else_is_refused_whole() {
+        let parse = |v: Value| ReadAsk::parse(v.to_string().as_bytes());
+        assert_eq!(
+            parse(json!({"rows": [0, 7, 7, 4294967295u64]})),
+            Ok((ReadAsk::Rows(vec![0, 7, 7, u32::MAX]), 0))
+        );
+        assert_eq!(
+            parse(json!({"checksum": true, "min_position": 12})),
+            Ok((ReadAsk::Checksum, 12))
+        );
+        assert_eq!(parse(json!({"rows": []})), Ok((ReadAsk::Rows(vec![]), 0)));
+        for bad in [
+            json!({"rows": [1, "2"]}),
+            json!({"rows": [1.5]}),
+            json!({"rows": [-1]}),
+            json!({"rows": [4294967296u64]}),
+            json!({"rows": 3}),
+            json!({"rows": [1], "checksum": true}),
+            json!({"checksum": false}),
+            json!({"checksum": "yes"}),
+            json!({"rows": [1], "min_position": -3}),
+            json!({}),
+            json!([1, 2]),
+        ] {
+            assert!(parse(bad.clone()).is_err(), "{bad}");
+        }
+        assert!(ReadAsk::parse(b"{\"rows\": [1,").is_err());
+        assert!(ReadAsk::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn an_answer_of_max_answer_rows_fits_the_payload_limit_at_its_longest() {
+        // Long forms of an f32 in an answer: negative, 17 digits, a two-digit exponent.
+        let longest = [
+            -1.175_494_4e-38_f32,
+            -3.402_823_5e38,
+            -1.234_567_9e-12,
+            -1e-45,
+        ];
+        for v in longest {
+            let text = json!(v).to_string();
+            assert!(text.len() < JSON_F32_BYTES, "{v}: {text}");
+            assert_eq!(text.parse::<f64>().unwrap() as f32, v);
+        }
+        for (max_payload, dim) in [(1 << 20, 1), (1 << 20, 64), (8 << 20, 17), (64 << 10, 300)] {
+            let n = max_answer_rows(max_payload, dim);
+            assert!(n > 0);
+            let rows: Vec<Vec<f32>> = (0..n)
+                .map(|i| vec![longest[i % longest.len()]; dim])
+                .collect();
+            let body = json!({"ok": {"rows": rows, "position": u64::MAX}}).to_string();
+            assert!(
+                body.len() <= max_payload,
+                "{max_payload} B, dim {dim}: {} B",
+                body.len()
+            );
+            // Not far below it either: a read is split no more than it must be.
+            assert!(
+                body.len() * 10 >= max_payload * 9,
+                "{max_payload} B, dim {dim}: {} B",
+                body.len()
+            );
+        }
+        assert_eq!(max_answer_rows(100, 4), 0);
+    }
 
     #[test]
     fn a_queued_delta_is_small_since_every_slot_queue_keeps_blocks_of_them() {

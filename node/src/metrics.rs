@@ -170,7 +170,7 @@ metrics! {
     counter deltas_rejected_total: "Delta frames refused and dead-lettered.",
     counter deltas_skipped_total: "Delta frames skipped as already applied (redelivery, replay).",
     counter memory_trims_total: "Times the node, quiet after work, gave the allocator's free memory back (memory_trim_idle_ms).",
-    counter reads_refused_total: "Row reads a node's read router answered itself: a subject naming no slot held here, a slot's read queue full (busy), a slot stopping, or no reply subject.",
+    counter reads_refused_total: "Reads answered with an error: by the read router (a subject naming no slot held here, a slot's read queue full, a slot stopping, no reply subject) or by the slot (a body that is not a read, a row outside the slot, more rows than one answer carries).",
     counter checkpoints_total: "Slot checkpoints written.",
     counter checkpoint_list_failures_total: "Model starts put off because the checkpoints could not be listed (retried at the next reconcile).",
     counter devices_lost_total: "Devices lost (a driver error or the fault switch); their tables are rebuilt.",

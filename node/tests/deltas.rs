@@ -500,3 +500,118 @@ async fn a_fresh_read_sees_every_acknowledged_write() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["rows"][1]["values"], json!([expect[3], expect[3]]), "{v}");
 }
+
+/// A read's request body is checked whole, an answer too large for one message is split by
+/// the reader, a checksum read hashes the owner's table, and `replay --verify` names the one
+/// slot whose stream lost a delta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_checked_split_and_checksummed_and_verify_names_a_differing_slot() {
+    // No checkpoints while the node runs: the replay then rebuilds every slot from the stream.
+    let mut c = TestCluster::start_with_env(
+        1,
+        1,
+        &[
+            ("TESSEL_CHECKPOINT_INTERVAL_MS", "3600000"),
+            ("TESSEL_CHECKPOINT_EVERY_FRAMES", "100000000"),
+        ],
+    )
+    .await;
+    c.wait_settled_on(&["n1"], SETTLE).await;
+    serving(&c, "v").await;
+    let js = async_nats::jetstream::new(c.client.clone());
+    let mut producer = Producer::new(js.clone(), "tessel", "v", ROWS, DIM, 32, 7);
+    let rows: Vec<u32> = vec![3, 700, 1_500];
+    producer
+        .send(&rows, &vec![0.5f32; rows.len() * DIM as usize])
+        .await
+        .unwrap();
+    let fresh = |asked: Vec<u32>| {
+        let client = c.client.clone();
+        async move {
+            tessel_node::deltas::get_rows(
+                &client,
+                "tessel",
+                "v",
+                ROWS,
+                &asked,
+                Freshness::Fresh,
+                Duration::from_secs(30),
+            )
+            .await
+        }
+    };
+    assert_eq!(fresh(vec![3]).await.unwrap(), vec![vec![0.5; DIM as usize]]);
+
+    // Bodies that are not a read are refused whole, with the reason.
+    let slot3 = slot_of_row(ROWS, 3).unwrap();
+    let subject = tessel_node::deltas::read_subject("tessel", "v", slot3);
+    for body in [
+        json!({"rows": [3, "x"]}),
+        json!({"rows": [-1]}),
+        json!({"rows": [1u64 << 32]}),
+        json!({}),
+        json!({"rows": [3], "checksum": true}),
+        json!({"checksum": false}),
+        json!({"rows": [3], "min_position": "soon"}),
+    ] {
+        let reply = c
+            .client
+            .request(subject.clone(), body.to_string().into())
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert_eq!(v["error"]["kind"], "bad_request", "{body}: {v}");
+    }
+
+    // More rows than one answer can carry: refused `too_large` with the most it carries, and
+    // `get_rows` asks for them in parts of that size.
+    let max_rows =
+        tessel_node::deltas::max_answer_rows(c.client.server_info().max_payload, DIM as usize);
+    let many = vec![3u32; max_rows + 1_000];
+    let reply = c
+        .client
+        .request(subject.clone(), json!({"rows": many}).to_string().into())
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(v["error"]["kind"], "too_large", "{}", v["error"]);
+    assert_eq!(v["error"]["max_rows"], max_rows as u64);
+    let got = fresh(many.clone()).await.unwrap();
+    assert_eq!(got.len(), many.len());
+    assert!(got.iter().all(|r| r == &vec![0.5; DIM as usize]));
+
+    // A checksum read is the checksum of the slot's rows as a plain read returns them.
+    let (checksum, position) =
+        tessel_node::deltas::slot_checksum(&c.client, "tessel", "v", slot3, SETTLE)
+            .await
+            .unwrap();
+    assert!(position > 0);
+    let slot_rows: Vec<u32> = actors::delta::slot_rows(ROWS, slot3)
+        .map(|r| r as u32)
+        .collect();
+    let values: Vec<f32> = fresh(slot_rows).await.unwrap().concat();
+    assert_eq!(checksum, tessel_node::deltas::data_checksum(&values));
+
+    // Delete row 700's delta from the stream: the live table still has it, a replay cannot,
+    // and `--verify` names that slot and no other.
+    let slot700 = slot_of_row(ROWS, 700).unwrap();
+    let stream = js
+        .get_stream(tessel_node::deltas::deltas_stream("tessel"))
+        .await
+        .unwrap();
+    let seq = stream
+        .direct_get_last_for_subject(tessel_node::deltas::delta_subject("tessel", "v", slot700))
+        .await
+        .unwrap()
+        .sequence;
+    assert!(stream.delete_message(seq).await.unwrap());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .args(["replay", "--model", "v", "--verify", "--json", "--quiet"])
+        .args(["--nats", &c.nats.url()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["differing_slots"], json!([slot700.get()]), "{v}");
+    c.shutdown().await;
+}

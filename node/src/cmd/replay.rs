@@ -10,14 +10,23 @@ use std::time::Duration;
 use actors::delta::slot_rows;
 use clap::Args;
 use cluster::Slot;
+use futures::StreamExt as _;
 use serde_json::json;
 
 use crate::cmd::actor::Target;
 use crate::deltas::{
-    SlotModel, SlotModelConfig, data_checksum, ensure, get_slot, lineage, replay_model,
-    replay_workers, seq_at_time,
+    SlotModel, SlotModelConfig, data_checksum, ensure, lineage, replay_model, replay_workers,
+    seq_at_time, slot_checksum,
 };
 use crate::metrics::Metrics;
+
+/// Checksum reads `--verify` keeps in flight: enough to hide the round trips, few enough that
+/// the owners' slots (each hashes its table as it answers) keep applying meanwhile.
+const VERIFY_READS_IN_FLIGHT: usize = 16;
+
+/// How long `--verify` waits for one slot's checksum, asking again while the slot moves or
+/// catches up.
+const VERIFY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Arguments of `tessel replay`.
 #[derive(Args, Debug)]
@@ -40,7 +49,8 @@ pub struct ReplayArgs {
     /// Write the rebuilt table here (little-endian f32, row-major, all rows).
     #[arg(long)]
     out: Option<std::path::PathBuf>,
-    /// Compare each slot with the live owner's table at the owner's position.
+    /// Compare each slot with the live owner's table at the owner's position, by checksum
+    /// (each owner hashes its own table).
     #[arg(long)]
     verify: bool,
     /// One JSON object at the end.
@@ -99,19 +109,23 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             },
             None => None,
         };
-        // The live tables and positions first (with --verify), then one pass over the stream.
+        // The live checksums and positions first (with --verify), then one pass over the
+        // stream. Each owner hashes its own table: nothing of the tables crosses the network.
         let mut live = std::collections::BTreeMap::new();
         if args.verify {
-            for slot in Slot::all() {
-                if slot_rows(rows, slot).is_empty() {
-                    continue;
-                }
-                match get_slot(&client, &args.target.cluster, &args.model, rows, slot, Duration::from_secs(10)).await {
+            let slots = Slot::all().filter(|&s| !slot_rows(rows, s).is_empty());
+            let mut asks = futures::stream::iter(slots.map(|slot| {
+                let (client, cluster, model) = (&client, &args.target.cluster, &args.model);
+                async move { (slot, slot_checksum(client, cluster, model, slot, VERIFY_READ_TIMEOUT).await) }
+            }))
+            .buffer_unordered(VERIFY_READS_IN_FLIGHT);
+            while let Some((slot, got)) = asks.next().await {
+                match got {
                     Ok(v) => {
                         live.insert(slot.get(), v);
                     }
                     Err(e) => {
-                        eprintln!("tessel replay: live read of slot {}: {e}", slot.get());
+                        eprintln!("tessel replay: live checksum of slot {}: {e}", slot.get());
                         return ExitCode::FAILURE;
                     }
                 }
@@ -144,8 +158,8 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         let mut differing = Vec::new();
         let (mut slots_done, mut rows_done) = (0u64, 0u64);
         for (slot, table) in &tables {
-            if let Some((data, _)) = live.get(slot)
-                && data_checksum(data) != data_checksum(table.data())
+            if let Some((checksum, _)) = live.get(slot)
+                && *checksum != data_checksum(table.data())
             {
                 differing.push(*slot);
             }
