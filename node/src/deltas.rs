@@ -2055,6 +2055,10 @@ pub async fn slot_checksum(
         ok["position"].as_u64(),
     ) {
         (Some(checksum), Some(position)) => Ok((checksum, position)),
+        _ if ok.is_object() => Err(format!(
+            "slot {}: its owner answered without a checksum (a node older than checksum reads)",
+            slot.get()
+        )),
         _ => Err(format!("slot {}: {}", slot.get(), v["error"])),
     }
 }

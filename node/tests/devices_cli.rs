@@ -56,3 +56,20 @@ fn devices_human_form_says_why_cuda_is_not_used() {
     let has_cuda = text.lines().any(|l| l.starts_with("cuda "));
     assert_eq!(!has_cuda, text.contains("CUDA not used: "), "{text}");
 }
+
+/// A command whose output is closed under it (`tessel devices | head -0`) stops quietly with
+/// 141, as a program stopped by SIGPIPE does, instead of printing a panic.
+#[test]
+fn a_closed_stdout_ends_a_command_quietly() {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_tessel"))
+        .arg("devices")
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

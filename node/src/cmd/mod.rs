@@ -69,9 +69,40 @@ pub(crate) fn runtime(who: &str) -> Option<tokio::runtime::Runtime> {
     }
 }
 
-/// Parses the command line and runs the subcommand; the exit code is the subcommand's.
+/// The exit code of a command whose standard output was closed under it (`tessel status |
+/// head -1`): 128 + SIGPIPE, what a program stopped by that signal reports.
+pub const EXIT_CLOSED_STDOUT: u8 = 141;
+
+/// Whether a panic is `println!` finding standard output closed.
+fn is_closed_stdout(payload: &(dyn std::any::Any + Send)) -> bool {
+    let text = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("");
+    text.starts_with("failed printing to stdout") && text.contains("Broken pipe")
+}
+
+/// Parses the command line and runs the subcommand; the exit code is the subcommand's, or
+/// [`EXIT_CLOSED_STDOUT`] when its output was closed under it. Rust ignores SIGPIPE, so a
+/// write to a closed pipe fails and `println!` panics: that panic unwinds as any other (the
+/// command's processes and connections are stopped by their destructors) but prints nothing.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !is_closed_stdout(info.payload()) {
+            report(info);
+        }
+    }));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| dispatch(cli))) {
+        Ok(code) => code,
+        Err(payload) if is_closed_stdout(&*payload) => ExitCode::from(EXIT_CLOSED_STDOUT),
+        Err(payload) => std::panic::resume_unwind(payload),
+    }
+}
+
+fn dispatch(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Ask(args) => actor::ask(args),
         Command::Events(args) => actor::events(args),
