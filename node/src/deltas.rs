@@ -289,8 +289,10 @@ pub struct Sent {
     pub batches: u64,
 }
 
-/// Publishes deltas of one model: splits each batch by slot, one frame per slot, chained per
-/// slot, with at most `max_in_flight` unacknowledged publishes.
+/// Publishes deltas of one model: splits each batch by slot, one frame per slot (several, of
+/// at most [`max_frame_rows`] rows, when a slot's share would not fit one message), chained
+/// per slot, with at most `max_in_flight` unacknowledged publishes. A send that fails starts a
+/// new chain on each of its slots.
 pub struct Producer {
     js: jetstream::Context,
     cluster: String,
@@ -327,7 +329,8 @@ impl Producer {
         }
     }
 
-    /// Stamps every frame with `Nats-Msg-Id: <id>.<slot>`, so that the server drops a resend
+    /// Stamps every frame with `Nats-Msg-Id: <id>.<slot>` (`<id>.<slot>.<k>` for the k-th
+    /// further frame of a slot split across frames), so that the server drops a resend
     /// of the same frames within the stream's duplicate window (2 minutes) — for one-off sends
     /// such as a merge, where a retry after a crash must not apply twice. Use it for one
     /// `send` per producer: a second send would reuse the ids and be dropped.
@@ -367,38 +370,79 @@ impl Producer {
             e.0.push(r);
             e.1.extend_from_slice(&values[i * d..(i + 1) * d]);
         }
+        let slots: Vec<u16> = by_slot.keys().copied().collect();
+        let sent = self.publish_frames(by_slot, trace).await;
+        if sent.is_err() {
+            // A frame that failed may or may not be stored: each slot of the batch starts a new
+            // chain (parent 0) with its next frame, which its owner accepts either way. Chained
+            // to a frame the stream never got, that next frame would be dead-lettered
+            // although the server acknowledged it.
+            for slot in slots {
+                self.parents.insert(slot, 0);
+            }
+        }
+        sent
+    }
+
+    /// Publishes each slot's rows as frames of at most [`max_frame_rows`] rows (the server's
+    /// `max_payload` allowing), chained per slot, with at most `max_in_flight` unacknowledged.
+    async fn publish_frames(
+        &mut self,
+        by_slot: BTreeMap<u16, (Vec<u32>, Vec<f32>)>,
+        trace: Option<&str>,
+    ) -> Result<Sent, ProduceError> {
+        let d = self.dim as usize;
+        let per_frame = max_frame_rows(
+            self.js.client().server_info().max_payload,
+            &self.model,
+            self.dim,
+        );
         let now = crate::store::wall_ms();
         let mut acks = FuturesUnordered::new();
         let mut sent = Sent::default();
         for (slot, (r, v)) in by_slot {
-            let n = r.len() as u64;
-            let parent = self.parents.get(&slot).copied().unwrap_or(0);
-            let batch = DeltaBatch::new(self.dim, r, v, self.clock.tick(now), parent)
-                .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
-            self.parents.insert(slot, batch.checksum);
-            let bytes = frame::encode(&self.model, slot, &batch)
-                .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
-            let subject = format!("{}.delta.{}.{slot}", self.cluster, self.model);
-            let mut headers = async_nats::HeaderMap::new();
-            if let Some(t) = trace {
-                headers.insert(TRACE_HEADER, t);
-            }
-            if let Some(id) = &self.msg_id {
-                headers.insert("Nats-Msg-Id", format!("{id}.{slot}").as_str());
-            }
-            let published = if headers.is_empty() {
-                self.js.publish(subject, Bytes::from(bytes)).await
+            let parts: Vec<(Vec<u32>, Vec<f32>)> = if r.len() <= per_frame {
+                vec![(r, v)]
             } else {
-                self.js
-                    .publish_with_headers(subject, headers, Bytes::from(bytes))
-                    .await
+                r.chunks(per_frame)
+                    .zip(v.chunks(per_frame * d))
+                    .map(|(r, v)| (r.to_vec(), v.to_vec()))
+                    .collect()
             };
-            let ack = published.map_err(|e| ProduceError::Publish(e.to_string()))?;
-            acks.push(async move { ack.await.map(|_| n) });
-            while acks.len() >= self.max_in_flight {
-                if let Some(r) = acks.next().await {
-                    sent.rows += r.map_err(|e| ProduceError::Publish(e.to_string()))?;
-                    sent.batches += 1;
+            for (part, (r, v)) in parts.into_iter().enumerate() {
+                let n = r.len() as u64;
+                let parent = self.parents.get(&slot).copied().unwrap_or(0);
+                let batch = DeltaBatch::new(self.dim, r, v, self.clock.tick(now), parent)
+                    .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
+                self.parents.insert(slot, batch.checksum);
+                let bytes = frame::encode(&self.model, slot, &batch)
+                    .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
+                let subject = format!("{}.delta.{}.{slot}", self.cluster, self.model);
+                let mut headers = async_nats::HeaderMap::new();
+                if let Some(t) = trace {
+                    headers.insert(TRACE_HEADER, t);
+                }
+                if let Some(id) = &self.msg_id {
+                    let id = match part {
+                        0 => format!("{id}.{slot}"),
+                        k => format!("{id}.{slot}.{k}"),
+                    };
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                }
+                let published = if headers.is_empty() {
+                    self.js.publish(subject, Bytes::from(bytes)).await
+                } else {
+                    self.js
+                        .publish_with_headers(subject, headers, Bytes::from(bytes))
+                        .await
+                };
+                let ack = published.map_err(|e| ProduceError::Publish(e.to_string()))?;
+                acks.push(async move { ack.await.map(|_| n) });
+                while acks.len() >= self.max_in_flight {
+                    if let Some(r) = acks.next().await {
+                        sent.rows += r.map_err(|e| ProduceError::Publish(e.to_string()))?;
+                        sent.batches += 1;
+                    }
                 }
             }
         }
@@ -408,6 +452,27 @@ impl Producer {
         }
         Ok(sent)
     }
+}
+
+/// Room a producer leaves in a frame's message for its headers (a trace id, a message id).
+const FRAME_HEADER_ROOM_BYTES: usize = 1_024;
+
+/// The most rows of `dim` values one frame of `model` carries: within the server's
+/// `max_payload` (0 while not known: then only the frame's own limits) less
+/// [`FRAME_HEADER_ROOM_BYTES`], within [`frame::MAX_FRAME_BYTES`] and
+/// [`frame::MAX_ROWS_PER_FRAME`], and at least one.
+pub fn max_frame_rows(max_payload: usize, model: &str, dim: u32) -> usize {
+    let limit = match max_payload {
+        0 => frame::MAX_FRAME_BYTES,
+        m => m
+            .saturating_sub(FRAME_HEADER_ROOM_BYTES)
+            .min(frame::MAX_FRAME_BYTES),
+    };
+    let head = frame::HEADER_LEN + model.len().next_multiple_of(4);
+    let row = 4 + 4 * dim as usize;
+    (limit.saturating_sub(head) / row.max(1))
+        .min(frame::MAX_ROWS_PER_FRAME as usize)
+        .max(1)
 }
 
 /// A delta handed to a slot model, holding its share of the model's queue budget. Queued
@@ -1982,7 +2047,6 @@ impl ModelHost {
     }
 }
 
-/// Sends a read to a slot's owner, retrying (while a slot moves) until `timeout`; returns the
 /// Why a read of rows got no rows.
 #[derive(Debug)]
 enum RowsRefused {
@@ -2868,6 +2932,50 @@ impl SlotModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_of_max_frame_rows_fits_the_server_and_the_frame_limits() {
+        let frame_len = |model: &str, dim: u32, n: usize| {
+            let rows: Vec<u32> = (0..n as u32).collect();
+            let batch = DeltaBatch::new(
+                dim,
+                rows,
+                vec![0.5; n * dim as usize],
+                Hlc::new(1).tick(1),
+                0,
+            )
+            .unwrap();
+            frame::encode(model, 3, &batch).map(|b| b.len())
+        };
+        let long = "m".repeat(61);
+        for (max_payload, model, dim) in [
+            (1usize << 20, "m", 64u32),
+            (8 << 20, long.as_str(), 2),
+            (1 << 20, "emb", 65_536),
+            (64 << 10, "emb", 1_000),
+        ] {
+            let n = max_frame_rows(max_payload, model, dim);
+            let len = frame_len(model, dim, n).unwrap();
+            assert!(
+                len + FRAME_HEADER_ROOM_BYTES <= max_payload,
+                "{max_payload} {model} {dim}: {len}"
+            );
+            // One more row would not fit (or the frame's own row limit binds).
+            if n < frame::MAX_ROWS_PER_FRAME as usize {
+                let more = frame_len(model, dim, n + 1).unwrap();
+                assert!(
+                    more + FRAME_HEADER_ROOM_BYTES > max_payload,
+                    "{max_payload} {model} {dim}"
+                );
+            }
+        }
+        // Unknown limit: the frame's own; a row larger than the limit still goes alone.
+        assert_eq!(
+            max_frame_rows(0, "m", 1),
+            frame::MAX_ROWS_PER_FRAME as usize
+        );
+        assert_eq!(max_frame_rows(2_000, "m", 65_536), 1);
+    }
 
     #[test]
     fn a_read_body_is_rows_or_a_checksum_and_anything_else_is_refused_whole() {

@@ -502,8 +502,8 @@ async fn a_fresh_read_sees_every_acknowledged_write() {
 }
 
 /// A read's request body is checked whole, an answer too large for one message is split by
-/// the reader, a checksum read hashes the owner's table, and `replay --verify` names the one
-/// slot whose stream lost a delta.
+/// the reader, a checksum read hashes the owner's table, a batch too large for one message is
+/// split by the producer, and `replay --verify` names the one slot whose stream lost a delta.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_are_checked_split_and_checksummed_and_verify_names_a_differing_slot() {
     // No checkpoints while the node runs: the replay then rebuilds every slot from the stream.
@@ -592,6 +592,21 @@ async fn reads_are_checked_split_and_checksummed_and_verify_names_a_differing_sl
     let values: Vec<f32> = fresh(slot_rows).await.unwrap().concat();
     assert_eq!(checksum, tessel_node::deltas::data_checksum(&values));
 
+    // A batch too large for one message (1.1M updates of row 1,500: 13 MB in one slot, over
+    // the server's 8 MB and the frame's 1M rows) goes as several chained frames, all applied
+    // (and replayed alike: `--verify` below finds that slot equal).
+    let big = vec![1_500u32; 1_100_000];
+    let sent = producer
+        .send(&big, &vec![1.0f32; big.len() * DIM as usize])
+        .await
+        .unwrap();
+    assert_eq!(sent.rows, big.len() as u64);
+    assert!(sent.batches >= 2, "{sent:?}");
+    assert_eq!(
+        fresh(vec![1_500]).await.unwrap(),
+        vec![vec![1_100_000.5f32; DIM as usize]]
+    );
+
     // Delete row 700's delta from the stream: the live table still has it, a replay cannot,
     // and `--verify` names that slot and no other.
     let slot700 = slot_of_row(ROWS, 700).unwrap();
@@ -614,4 +629,52 @@ async fn reads_are_checked_split_and_checksummed_and_verify_names_a_differing_sl
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["differing_slots"], json!([slot700.get()]), "{v}");
     c.shutdown().await;
+}
+
+/// A send that fails (here: the server stopped, then killed, so its frame is never stored)
+/// leaves no broken chain behind: the producer's next send starts new chains, and its owner
+/// applies it instead of dead-lettering it as chained to a frame the stream never got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failed_send_the_next_acknowledged_send_is_applied() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    let mut c = TestCluster::start(1, 1).await;
+    c.wait_settled_on(&["n1"], SETTLE).await;
+    serving(&c, "w").await;
+    let js = async_nats::jetstream::new(c.client.clone());
+    let mut producer = Producer::new(js, "tessel", "w", ROWS, DIM, 32, 9);
+    let row = |v: f32| vec![v; DIM as usize];
+    producer.send(&[5], &row(1.0)).await.unwrap();
+    let read = |c: &TestCluster| {
+        let client = c.client.clone();
+        async move {
+            tessel_node::deltas::get_rows(
+                &client,
+                "tessel",
+                "w",
+                ROWS,
+                &[5],
+                Freshness::Fresh,
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    assert_eq!(read(&c).await, vec![row(1.0)]);
+
+    // The server stops reading: the send is not acknowledged; then it dies with the frame
+    // unread in its socket, so the frame is never stored.
+    let pid = Pid::from_raw(c.nats.pid(0).unwrap() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    assert!(producer.send(&[5], &row(10.0)).await.is_err());
+    c.nats.kill(0).await.unwrap();
+    c.nats.restart(0).await.unwrap();
+    c.wait_settled_on(&["n1"], Duration::from_secs(60)).await;
+    common::wait_serving(&c, "w", 200).await;
+
+    // Acknowledged, so applied: 1 + 100, without the 10 the stream never got.
+    producer.send(&[5], &row(100.0)).await.unwrap();
+    assert_eq!(read(&c).await, vec![row(101.0)]);
 }
