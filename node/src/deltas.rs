@@ -291,8 +291,8 @@ pub struct Sent {
 
 /// Publishes deltas of one model: splits each batch by slot, one frame per slot (several, of
 /// at most [`max_frame_rows`] rows, when a slot's share would not fit one message), chained
-/// per slot, with at most `max_in_flight` unacknowledged publishes. A send that fails starts a
-/// new chain on each of its slots.
+/// per slot, with at most `max_in_flight` unacknowledged publishes. A send that fails or is
+/// dropped part-way starts a new chain on each of its slots.
 pub struct Producer {
     js: jetstream::Context,
     cluster: String,
@@ -370,18 +370,18 @@ impl Producer {
             e.0.push(r);
             e.1.extend_from_slice(&values[i * d..(i + 1) * d]);
         }
-        let slots: Vec<u16> = by_slot.keys().copied().collect();
-        let sent = self.publish_frames(by_slot, trace).await;
-        if sent.is_err() {
-            // A frame that failed may or may not be stored: each slot of the batch starts a new
-            // chain (parent 0) with its next frame, which its owner accepts either way. Chained
-            // to a frame the stream never got, that next frame would be dead-lettered
-            // although the server acknowledged it.
-            for slot in slots {
-                self.parents.insert(slot, 0);
-            }
-        }
-        sent
+        // Each slot's chain is taken out for the send and put back only once every frame of
+        // it is acknowledged. A send that fails, or is dropped part-way, may have left frames
+        // unstored; its slots then start new chains (parent 0) with their next frames, which
+        // their owners accept either way. Chained to a frame the stream never got, that next
+        // frame would be dead-lettered although the server acknowledged it.
+        let mut chains: HashMap<u16, u64> = by_slot
+            .keys()
+            .map(|&slot| (slot, self.parents.remove(&slot).unwrap_or(0)))
+            .collect();
+        let sent = self.publish_frames(by_slot, trace, &mut chains).await?;
+        self.parents.extend(chains);
+        Ok(sent)
     }
 
     /// Publishes each slot's rows as frames of at most [`max_frame_rows`] rows (the server's
@@ -390,6 +390,7 @@ impl Producer {
         &mut self,
         by_slot: BTreeMap<u16, (Vec<u32>, Vec<f32>)>,
         trace: Option<&str>,
+        chains: &mut HashMap<u16, u64>,
     ) -> Result<Sent, ProduceError> {
         let d = self.dim as usize;
         let per_frame = max_frame_rows(
@@ -411,10 +412,10 @@ impl Producer {
             };
             for (part, (r, v)) in parts.into_iter().enumerate() {
                 let n = r.len() as u64;
-                let parent = self.parents.get(&slot).copied().unwrap_or(0);
+                let parent = chains.get(&slot).copied().unwrap_or(0);
                 let batch = DeltaBatch::new(self.dim, r, v, self.clock.tick(now), parent)
                     .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
-                self.parents.insert(slot, batch.checksum);
+                chains.insert(slot, batch.checksum);
                 let bytes = frame::encode(&self.model, slot, &batch)
                     .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
                 let subject = format!("{}.delta.{}.{slot}", self.cluster, self.model);

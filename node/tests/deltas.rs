@@ -631,11 +631,12 @@ async fn reads_are_checked_split_and_checksummed_and_verify_names_a_differing_sl
     c.shutdown().await;
 }
 
-/// A send that fails (here: the server stopped, then killed, so its frame is never stored)
-/// leaves no broken chain behind: the producer's next send starts new chains, and its owner
-/// applies it instead of dead-lettering it as chained to a frame the stream never got.
+/// A send that fails or is dropped part-way (here: the server stopped, then killed, so its
+/// frame is never stored) leaves no broken chain behind: the producer's next send starts new
+/// chains, and its owner applies it instead of dead-lettering it as chained to a frame the
+/// stream never got.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_failed_send_the_next_acknowledged_send_is_applied() {
+async fn after_a_failed_or_dropped_send_the_next_acknowledged_send_is_applied() {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
 
@@ -677,4 +678,17 @@ async fn after_a_failed_send_the_next_acknowledged_send_is_applied() {
     // Acknowledged, so applied: 1 + 100, without the 10 the stream never got.
     producer.send(&[5], &row(100.0)).await.unwrap();
     assert_eq!(read(&c).await, vec![row(101.0)]);
+
+    // The same for a send dropped part-way (a caller's timeout), as the chaos workload does.
+    let pid = Pid::from_raw(c.nats.pid(0).unwrap() as i32);
+    kill(pid, Signal::SIGSTOP).unwrap();
+    let dropped =
+        tokio::time::timeout(Duration::from_millis(300), producer.send(&[5], &row(10.0))).await;
+    assert!(dropped.is_err(), "the send finished: {dropped:?}");
+    c.nats.kill(0).await.unwrap();
+    c.nats.restart(0).await.unwrap();
+    c.wait_settled_on(&["n1"], Duration::from_secs(60)).await;
+    common::wait_serving(&c, "w", 200).await;
+    producer.send(&[5], &row(1_000.0)).await.unwrap();
+    assert_eq!(read(&c).await, vec![row(1_101.0)]);
 }
