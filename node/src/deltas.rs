@@ -306,7 +306,26 @@ pub struct Producer {
 }
 
 impl Producer {
-    /// A producer for `model` (`rows × dim`), identified as `node` in timestamps.
+    /// A producer id for [`Producer::new`] drawn at random (std's per-process random hash keys
+    /// over the process id and the time). Ids must differ between producers writing to a model
+    /// at the same time: each slot checks a chain per id, and two producers sharing one would
+    /// break each other's chains, so their owners would dead-letter acknowledged frames. A
+    /// process id does not do: every container's first process is 1.
+    pub fn random_id() -> u32 {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let x = h.finish();
+        (x ^ (x >> 32)) as u32
+    }
+
+    /// A producer for `model` (`rows × dim`), identified as `node` in timestamps and chains:
+    /// unique among the model's producers (see [`Producer::random_id`]).
     pub fn new(
         js: jetstream::Context,
         cluster: &str,
@@ -2933,6 +2952,12 @@ impl SlotModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_producer_ids_differ() {
+        let ids: std::collections::HashSet<u32> = (0..100).map(|_| Producer::random_id()).collect();
+        assert_eq!(ids.len(), 100);
+    }
 
     #[test]
     fn a_frame_of_max_frame_rows_fits_the_server_and_the_frame_limits() {

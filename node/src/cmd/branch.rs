@@ -226,11 +226,18 @@ pub async fn merge(
     }
     let mut sent = crate::deltas::Sent::default();
     if !plan.rows.is_empty() {
-        let mut producer =
-            Producer::new(js.clone(), cluster, into, rows, dim, 64, std::process::id())
-                // A rerun after a crash between publishing and recording is dropped by the
-                // server within its duplicate window.
-                .with_msg_id(&format!("merge.{branch}.{into}.{fork}"));
+        let mut producer = Producer::new(
+            js.clone(),
+            cluster,
+            into,
+            rows,
+            dim,
+            64,
+            Producer::random_id(),
+        )
+        // A rerun after a crash between publishing and recording is dropped by the
+        // server within its duplicate window.
+        .with_msg_id(&format!("merge.{branch}.{into}.{fork}"));
         sent = producer
             .send(&plan.rows, &plan.values)
             .await

@@ -91,7 +91,7 @@ pub fn produce(args: ProduceArgs) -> ExitCode {
             Err(c) => return c,
         };
         let js = async_nats::jetstream::new(client);
-        let mut producer = Producer::new(js, &args.target.cluster, &args.model, rows, dim, args.max_in_flight, std::process::id());
+        let mut producer = Producer::new(js, &args.target.cluster, &args.model, rows, dim, args.max_in_flight, Producer::random_id());
         let mut draw = Rows { x: 0x2545_f491_4f6c_dd1d ^ u64::from(std::process::id()), rows, zipf: args.zipf };
         let started = Instant::now();
         let (mut acked_rows, mut acked_batches) = (0u64, 0u64);
