@@ -566,10 +566,10 @@ pub fn encode_checkpoint(
     dim: usize,
     data: &[f32],
     position: u64,
-    chains: &HashMap<u32, u64>,
+    chains: &Chains,
 ) -> Vec<u8> {
-    let header = json!({"v": 1, "first_row": rows.start, "rows": rows.end - rows.start,
-        "dim": dim, "position": position, "chains": chains, "checksum": data_checksum(data)});
+    let header = json!({"v": 2, "first_row": rows.start, "rows": rows.end - rows.start,
+        "dim": dim, "position": position, "chains": chains.to_json(), "checksum": data_checksum(data)});
     let mut out = serde_json::to_vec(&header).unwrap_or_default();
     out.push(b'\n');
     out.reserve(data.len() * 4);
@@ -591,10 +591,10 @@ pub fn decode_checkpoint(
     bytes: &[u8],
     rows: std::ops::Range<u64>,
     dim: usize,
-) -> Result<(Table, u64, HashMap<u32, u64>), String> {
+) -> Result<(Table, u64, Chains), String> {
     let nl = bytes.iter().position(|b| *b == b'\n').ok_or("no header")?;
     let h: Value = serde_json::from_slice(&bytes[..nl]).map_err(|e| e.to_string())?;
-    if h["v"] != 1
+    if !(h["v"] == 1 || h["v"] == 2)
         || h["first_row"].as_u64() != Some(rows.start)
         || h["rows"].as_u64() != Some(rows.end - rows.start)
         || h["dim"].as_u64() != Some(dim as u64)
@@ -617,13 +617,104 @@ pub fn decode_checkpoint(
     }
     let all: Vec<u32> = (rows.start..rows.end).map(|r| r as u32).collect();
     table.apply(&all, &values, 1).map_err(|e| e.to_string())?;
-    let chains: HashMap<u32, u64> = serde_json::from_value(h["chains"].clone()).unwrap_or_default();
+    let chains = match &h["chains"] {
+        Value::Null => Chains::new(),
+        v => Chains::from_json(v).ok_or("checkpoint chains")?,
+    };
     Ok((table, h["position"].as_u64().unwrap_or(0), chains))
 }
 
-/// A slot's table, the stream sequence it has applied through, and the last checksum of each
-/// producer's chain.
-pub type SlotState = (Table, u64, HashMap<u32, u64>);
+/// A slot's table, the stream sequence it has applied through, and its producers' chains.
+pub type SlotState = (Table, u64, Chains);
+
+/// Most producers' chains a slot keeps (see [`Chains`]).
+pub const MAX_CHAINS_PER_SLOT: usize = 1_024;
+
+/// A slot's producer chains: for each producer (the HLC node of its frames), the checksum of
+/// its last frame the slot took and that frame's stream sequence, for at most
+/// [`MAX_CHAINS_PER_SLOT`] producers. When one more producer starts, the one whose last frame
+/// is oldest is forgotten: its next frame, unless it starts a new chain (parent 0), is then
+/// refused as a broken chain, and its chain goes on from there. Without the bound, every
+/// producer that ever wrote to a slot (one per `tessel produce` run) would stay in its memory
+/// and its checkpoints. The chains depend only on the frames taken, in stream order, so the
+/// live slot, a restart from its checkpoint and a replay keep the same ones.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Chains(HashMap<u32, (u64, u64)>);
+
+impl Chains {
+    /// No chains.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The checksum of `producer`'s last frame here; 0 for a producer with none (or forgotten).
+    pub fn last(&self, producer: u32) -> u64 {
+        self.0.get(&producer).map_or(0, |&(checksum, _)| checksum)
+    }
+
+    /// Takes `producer`'s frame with `checksum`, at stream sequence `seq`, as its chain's last;
+    /// forgets the oldest chain when a new one would make one too many.
+    pub fn take(&mut self, producer: u32, checksum: u64, seq: u64) {
+        if !self.0.contains_key(&producer) && self.0.len() >= MAX_CHAINS_PER_SLOT {
+            self.forget_oldest();
+        }
+        self.0.insert(producer, (checksum, seq));
+    }
+
+    /// Forgets the chain whose last frame is oldest (the lower producer id among equals).
+    fn forget_oldest(&mut self) {
+        if let Some(oldest) = self
+            .0
+            .iter()
+            .min_by_key(|&(&id, &(_, seq))| (seq, id))
+            .map(|(&id, _)| id)
+        {
+            self.0.remove(&oldest);
+        }
+    }
+
+    /// How many chains are kept.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether none are.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// As a checkpoint holds them: `{"<producer>": [checksum, seq], …}`.
+    pub fn to_json(&self) -> Value {
+        Value::Object(
+            self.0
+                .iter()
+                .map(|(id, &(checksum, seq))| (id.to_string(), json!([checksum, seq])))
+                .collect(),
+        )
+    }
+
+    /// From a checkpoint: the form of [`Chains::to_json`], or version 1's `{"<producer>":
+    /// checksum}` (taken at sequence 0: the first forgotten). More than the bound keeps the
+    /// newest. `None` when malformed.
+    pub fn from_json(v: &Value) -> Option<Chains> {
+        let mut chains = Chains::new();
+        for (id, entry) in v.as_object()? {
+            let id: u32 = id.parse().ok()?;
+            let (checksum, seq) = match entry {
+                Value::Array(pair) => match pair.as_slice() {
+                    [c, s] => (c.as_u64()?, s.as_u64()?),
+                    _ => return None,
+                },
+                other => (other.as_u64()?, 0),
+            };
+            chains.0.insert(id, (checksum, seq));
+        }
+        while chains.0.len() > MAX_CHAINS_PER_SLOT {
+            chains.forget_oldest();
+        }
+        Some(chains)
+    }
+}
 
 /// One model of a family of branches: its name, its transform, and where it forked from the
 /// previous generation.
@@ -859,17 +950,12 @@ impl SlotModel {
         (
             Table::zeros(slot_rows(self.rows, self.slot), self.dim as usize),
             0,
-            HashMap::new(),
+            Chains::new(),
         )
     }
 
     /// Writes a checkpoint of a host table (a branch's fork state); true when it was stored.
-    async fn put_checkpoint(
-        &self,
-        table: &Table,
-        position: u64,
-        chains: &HashMap<u32, u64>,
-    ) -> bool {
+    async fn put_checkpoint(&self, table: &Table, position: u64, chains: &Chains) -> bool {
         let name = checkpoint_name(&self.model, self.slot, position);
         let bytes = encode_checkpoint(table.rows(), table.dim(), table.data(), position, chains);
         let mut reader = bytes.as_slice();
@@ -892,7 +978,7 @@ impl SlotModel {
         exported: Result<Vec<f32>, gpu::Error>,
         table: &gpu::Table,
         position: u64,
-        chains: &HashMap<u32, u64>,
+        chains: &Chains,
         kept: &mut std::collections::VecDeque<String>,
     ) -> Result<(), gpu::Error> {
         let data = exported?;
@@ -949,7 +1035,7 @@ impl SlotModel {
     /// a task per slot of every model it serves.
     pub async fn run(
         self: Box<Self>,
-        state: Box<(gpu::Table, u64, HashMap<u32, u64>)>,
+        state: Box<(gpu::Table, u64, Chains)>,
         mut inbox: tokio::sync::mpsc::Receiver<Box<Queued>>,
         reads: Arc<ReadQueue>,
         lease: Arc<crate::tables::DeviceLease>,
@@ -1050,6 +1136,7 @@ impl SlotModel {
                 bytes += msg.payload.len();
                 match self.validate_into(
                     &msg.payload,
+                    seq,
                     &range,
                     &mut chains,
                     &mut batch_rows,
@@ -1176,19 +1263,20 @@ impl SlotModel {
         }
     }
 
-    /// The live path's validation (shared with replay): decodes the frame, checks it against
-    /// the model, the slot's rows, the producer's checksum chain and the value bounds, and
-    /// appends its rows and transformed values to `rows` and `values`. A refused frame
-    /// appends nothing.
+    /// The live path's validation (shared with replay) of the frame at stream sequence `seq`:
+    /// decodes the frame, checks it against the model, the slot's rows, the producer's
+    /// checksum chain and the value bounds, and appends its rows and transformed values to
+    /// `rows` and `values`. A refused frame appends nothing.
     pub fn validate_into<'a>(
         &self,
         payload: &'a [u8],
+        seq: u64,
         range: &std::ops::Range<u64>,
-        chains: &mut HashMap<u32, u64>,
+        chains: &mut Chains,
         rows: &mut Vec<u32>,
         values: &mut Vec<f32>,
     ) -> Result<Frame<'a>, String> {
-        let f = self.check_frame(payload, range, chains)?;
+        let f = self.check_frame(payload, seq, range, chains)?;
         let bytes = f.value_bytes();
         let values_before = values.len();
         values.resize(values_before + bytes.len() / 4, 0.0);
@@ -1217,8 +1305,9 @@ impl SlotModel {
     fn check_frame<'a>(
         &self,
         payload: &'a [u8],
+        seq: u64,
         range: &std::ops::Range<u64>,
-        chains: &mut HashMap<u32, u64>,
+        chains: &mut Chains,
     ) -> Result<Frame<'a>, String> {
         let f = Frame::decode(payload).map_err(|e| format!("frame: {e}"))?;
         if f.model != self.model || f.slot != self.slot.get() {
@@ -1236,10 +1325,10 @@ impl SlotModel {
         if !f.verify() {
             return Err("checksum does not match the content".into());
         }
-        let previous = chains.get(&f.ts.node).copied().unwrap_or(0);
+        let previous = chains.last(f.ts.node);
         // A chain starts at parent 0 (a new producer); otherwise it continues the last batch.
         let broken = f.parent != 0 && f.parent != previous;
-        chains.insert(f.ts.node, f.checksum);
+        chains.take(f.ts.node, f.checksum, seq);
         if broken {
             return Err(format!(
                 "broken chain: parent {:x}, last {:x}",
@@ -1934,7 +2023,7 @@ impl ModelHost {
             let state = match (r, forked.remove(&m.slot.get()), me.fork_seq) {
                 (Some(st), _, _) => st,
                 (None, Some(table), Some(fork)) => {
-                    let chains = HashMap::new();
+                    let chains = Chains::new();
                     // The slot's first checkpoint: nothing to prune.
                     if m.put_checkpoint(&table, fork, &chains).await {
                         forked_names.push(checkpoint_name(model, m.slot, fork));
@@ -2043,16 +2132,16 @@ impl ModelHost {
         &self,
         model: &str,
         dim: u32,
-        states: Vec<(Table, u64, HashMap<u32, u64>)>,
+        states: Vec<(Table, u64, Chains)>,
     ) -> anyhow::Result<(
         Arc<crate::tables::DeviceLease>,
-        Vec<(gpu::Table, u64, HashMap<u32, u64>)>,
+        Vec<(gpu::Table, u64, Chains)>,
     )> {
         let table_cfg = gpu::TableConfig {
             cpu_threads: self.cfg.apply_threads.max(1),
             ..gpu::TableConfig::default()
         };
-        let (cpu, rest): (Vec<Table>, Vec<(u64, HashMap<u32, u64>)>) = states
+        let (cpu, rest): (Vec<Table>, Vec<(u64, Chains)>) = states
             .into_iter()
             .map(|(table, position, chains)| (table, (position, chains)))
             .unzip();
@@ -2222,7 +2311,7 @@ type Visit<'v> = dyn FnMut(u16, u64, &Frame<'_>, &[u32], &[f32]) -> Result<(), S
 struct ScanSlot {
     model: SlotModel,
     position: u64,
-    chains: HashMap<u32, u64>,
+    chains: Chains,
     limit: u64,
     range: std::ops::Range<u64>,
 }
@@ -2250,13 +2339,13 @@ impl ScanSlot {
         if bytes && self.model.is_identity() {
             let f = self
                 .model
-                .check_frame(payload, &self.range, &mut self.chains)
+                .check_frame(payload, seq, &self.range, &mut self.chains)
                 .ok()?;
             rows.extend(f.rows());
             Some((f, true))
         } else {
             self.model
-                .validate_into(payload, &self.range, &mut self.chains, rows, values)
+                .validate_into(payload, seq, &self.range, &mut self.chains, rows, values)
                 .ok()
                 .map(|f| (f, false))
         }
@@ -2502,7 +2591,7 @@ async fn replay_states(
         .await?;
         for (k, (table, _, _)) in base {
             let slot = Slot::new(u64::from(k)).map_err(|e| e.to_string())?;
-            states.insert(k, (table, limit(slot), HashMap::new()));
+            states.insert(k, (table, limit(slot), Chains::new()));
         }
     }
     debug!(model = %me.model, restored = states.len(), ms = started.elapsed().as_millis() as u64, "replay: starting states ready");
@@ -2511,7 +2600,7 @@ async fn replay_states(
         let k = model.slot.get();
         let (table, position, chains) = match states.remove(&k) {
             Some((t, p, c)) => (Some(t), p, c),
-            None => (None, 0, HashMap::new()),
+            None => (None, 0, Chains::new()),
         };
         let limit = to_seq(model.slot);
         let range = slot_rows(template.rows, model.slot);
@@ -2810,8 +2899,8 @@ pub async fn stream_changes(
         let (position, chains) = match model.restore_from(&names, after).await {
             Some((_, p, c)) => (p, c),
             None => match me.fork_seq {
-                Some(f) if f <= after => (f, HashMap::new()),
-                _ => (0, HashMap::new()),
+                Some(f) if f <= after => (f, Chains::new()),
+                _ => (0, Chains::new()),
             },
         };
         slots.insert(
@@ -2952,6 +3041,63 @@ impl SlotModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chains_are_bounded_forgetting_the_oldest_and_survive_a_checkpoint() {
+        let mut c = Chains::new();
+        for id in 0..MAX_CHAINS_PER_SLOT as u32 {
+            // Producer `id`'s last frame at sequence 10 + id, producer 0's refreshed later.
+            c.take(id, u64::from(id) + 1, 10 + u64::from(id));
+        }
+        c.take(0, 99, 5_000);
+        assert_eq!(c.len(), MAX_CHAINS_PER_SLOT);
+        // One more producer: the oldest chain (producer 1, last at 11) is forgotten.
+        c.take(7_777, 42, 5_001);
+        assert_eq!(c.len(), MAX_CHAINS_PER_SLOT);
+        assert_eq!(c.last(1), 0);
+        assert_eq!(c.last(0), 99);
+        assert_eq!(c.last(2), 3);
+        assert_eq!(c.last(7_777), 42);
+        // A known producer moving on forgets nobody.
+        c.take(2, 1_234, 5_002);
+        assert_eq!(c.len(), MAX_CHAINS_PER_SLOT);
+        assert_eq!(c.last(3), 4);
+
+        // Through a checkpoint and back, the same chains (so the same one is forgotten next).
+        let table = Table::zeros(0..4, 2);
+        let bytes = encode_checkpoint(table.rows(), 2, table.data(), 5_002, &c);
+        let (_, position, back) = decode_checkpoint(&bytes, 0..4, 2).unwrap();
+        assert_eq!((position, &back), (5_002, &c));
+        // Version 1's chains (checksums only) still read, as taken at sequence 0.
+        let v1 = Chains::from_json(&json!({"5": 17, "6": 18})).unwrap();
+        assert_eq!((v1.last(5), v1.last(6), v1.len()), (17, 18, 2));
+        // Malformed chains are refused, not read as none.
+        for bad in [
+            json!([1, 2]),
+            json!({"x": 1}),
+            json!({"5": "17"}),
+            json!({"5": [1]}),
+        ] {
+            assert!(Chains::from_json(&bad).is_none(), "{bad}");
+        }
+        let broken =
+            String::from_utf8_lossy(&bytes).replacen("\"chains\":{", "\"chains\":{\"x\":[1,2],", 1);
+        assert_eq!(
+            decode_checkpoint(broken.as_bytes(), 0..4, 2)
+                .err()
+                .as_deref(),
+            Some("checkpoint chains")
+        );
+        // More chains than the bound in a checkpoint: the newest are kept.
+        let many = Value::Object(
+            (0..MAX_CHAINS_PER_SLOT as u64 + 10)
+                .map(|i| (i.to_string(), json!([i, i])))
+                .collect(),
+        );
+        let kept = Chains::from_json(&many).unwrap();
+        assert_eq!(kept.len(), MAX_CHAINS_PER_SLOT);
+        assert_eq!((kept.last(9), kept.last(10)), (0, 10));
+    }
 
     #[test]
     fn random_producer_ids_differ() {
