@@ -352,7 +352,9 @@ impl Producer {
     /// further frame of a slot split across frames), so that the server drops a resend
     /// of the same frames within the stream's duplicate window (2 minutes) — for one-off sends
     /// such as a merge, where a retry after a crash must not apply twice. Use it for one
-    /// `send` per producer: a second send would reuse the ids and be dropped.
+    /// `send` per producer: a second send would reuse the ids and be dropped. Each such frame
+    /// starts a chain of its own (parent 0): in a rerun, a slot's first frame may be dropped
+    /// as a duplicate while its second is stored, and that one must not depend on the first.
     pub fn with_msg_id(mut self, id: &str) -> Self {
         self.msg_id = Some(id.to_string());
         self
@@ -431,7 +433,13 @@ impl Producer {
             };
             for (part, (r, v)) in parts.into_iter().enumerate() {
                 let n = r.len() as u64;
-                let parent = chains.get(&slot).copied().unwrap_or(0);
+                // Frames with message ids start chains of their own: a rerun's frame may be
+                // dropped as a duplicate while the next one is stored, which must not then
+                // depend on it.
+                let parent = match self.msg_id {
+                    Some(_) => 0,
+                    None => chains.get(&slot).copied().unwrap_or(0),
+                };
                 let batch = DeltaBatch::new(self.dim, r, v, self.clock.tick(now), parent)
                     .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
                 chains.insert(slot, batch.checksum);
