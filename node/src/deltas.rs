@@ -629,7 +629,8 @@ pub fn decode_checkpoint(
         Value::Null => Chains::new(),
         v => Chains::from_json(v).ok_or("checkpoint chains")?,
     };
-    Ok((table, h["position"].as_u64().unwrap_or(0), chains))
+    let position = h["position"].as_u64().ok_or("checkpoint position")?;
+    Ok((table, position, chains))
 }
 
 /// A slot's table, the stream sequence it has applied through, and its producers' chains.
@@ -871,7 +872,18 @@ impl SlotModel {
                     continue;
                 }
             };
-            match decode_checkpoint(&bytes, range.clone(), self.dim as usize) {
+            // The position inside must be the one its name gives: the name chose it as at or
+            // below the limit, and a table restored at another would skip deltas or apply
+            // them twice.
+            let decoded =
+                decode_checkpoint(&bytes, range.clone(), self.dim as usize).and_then(|v| {
+                    if v.1 == pos {
+                        Ok(v)
+                    } else {
+                        Err(format!("its header says position {}", v.1))
+                    }
+                });
+            match decoded {
                 Ok(v) => {
                     debug!(model = %self.model, slot = self.slot.get(), position = v.1, "restored checkpoint");
                     return Some(v);
@@ -3095,6 +3107,15 @@ mod tests {
                 .err()
                 .as_deref(),
             Some("checkpoint chains")
+        );
+        // A header without its position is refused (read as 0, the slot would apply every
+        // delta again on top of the checkpoint's table).
+        let no_position = String::from_utf8_lossy(&bytes).replacen("\"position\":5002,", "", 1);
+        assert_eq!(
+            decode_checkpoint(no_position.as_bytes(), 0..4, 2)
+                .err()
+                .as_deref(),
+            Some("checkpoint position")
         );
         // More chains than the bound in a checkpoint: the newest are kept.
         let many = Value::Object(
