@@ -640,6 +640,31 @@ async fn after_a_failed_or_dropped_send_the_next_acknowledged_send_is_applied() 
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
 
+    /// SIGSTOPs process `pid` and waits until every one of its threads is stopped: the signal
+    /// reaches a thread running on another core a moment later, long enough for a request
+    /// to be answered.
+    fn stopped(pid: u32) {
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).unwrap();
+        let all_stopped = || {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .unwrap()
+                .all(|task| {
+                    let stat = std::fs::read_to_string(task.unwrap().path().join("stat"))
+                        .unwrap_or_default();
+                    // The state follows the command name's closing parenthesis.
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+                })
+        };
+        for _ in 0..500 {
+            if all_stopped() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("nats-server {pid} did not stop");
+    }
+
     let mut c = TestCluster::start(1, 1).await;
     c.wait_settled_on(&["n1"], SETTLE).await;
     serving(&c, "w").await;
@@ -667,8 +692,7 @@ async fn after_a_failed_or_dropped_send_the_next_acknowledged_send_is_applied() 
 
     // The server stops reading: the send is not acknowledged; then it dies with the frame
     // unread in its socket, so the frame is never stored.
-    let pid = Pid::from_raw(c.nats.pid(0).unwrap() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
+    stopped(c.nats.pid(0).unwrap());
     assert!(producer.send(&[5], &row(10.0)).await.is_err());
     c.nats.kill(0).await.unwrap();
     c.nats.restart(0).await.unwrap();
@@ -680,8 +704,7 @@ async fn after_a_failed_or_dropped_send_the_next_acknowledged_send_is_applied() 
     assert_eq!(read(&c).await, vec![row(101.0)]);
 
     // The same for a send dropped part-way (a caller's timeout), as the chaos workload does.
-    let pid = Pid::from_raw(c.nats.pid(0).unwrap() as i32);
-    kill(pid, Signal::SIGSTOP).unwrap();
+    stopped(c.nats.pid(0).unwrap());
     let dropped =
         tokio::time::timeout(Duration::from_millis(300), producer.send(&[5], &row(10.0))).await;
     assert!(dropped.is_err(), "the send finished: {dropped:?}");
