@@ -980,6 +980,7 @@ impl SlotModel {
         let bytes = encode_checkpoint(table.rows(), table.dim(), table.data(), position, chains);
         let mut reader = bytes.as_slice();
         if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
+            Metrics::inc(&self.metrics.checkpoints_failed_total);
             warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
             return false;
         }
@@ -1007,6 +1008,7 @@ impl SlotModel {
         drop(data);
         let mut reader = bytes.as_slice();
         if let Err(e) = self.checkpoints.put(name.as_str(), &mut reader).await {
+            Metrics::inc(&self.metrics.checkpoints_failed_total);
             warn!(model = %self.model, slot = self.slot.get(), error = %e, "checkpoint failed");
             return Ok(());
         }

@@ -172,6 +172,7 @@ metrics! {
     counter memory_trims_total: "Times the node, quiet after work, gave the allocator's free memory back (memory_trim_idle_ms).",
     counter reads_refused_total: "Reads answered with an error: by the read router (a subject naming no slot held here, a slot's read queue full, a slot stopping, no reply subject) or by the slot (a body that is not a read, a row outside the slot, more rows than one answer carries).",
     counter checkpoints_total: "Slot checkpoints written.",
+    counter checkpoints_failed_total: "Slot checkpoints the object store did not take (the slot goes on; the next is due at the next interval, and a restart replays from the last one stored).",
     counter checkpoint_list_failures_total: "Model starts put off because the checkpoints could not be listed (retried at the next reconcile).",
     counter devices_lost_total: "Devices lost (a driver error or the fault switch); their tables are rebuilt.",
     counter tables_lost_total: "Slot tables that stopped on a lost device (rebuilt from checkpoint and stream).",

@@ -346,6 +346,16 @@ async fn replay_to_a_time_stops_before_the_first_later_delta() {
         f32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]),
         11.0
     );
+    // A file that cannot take the table (a full disk) fails the command, with the reason.
+    let out = tessel(
+        &c,
+        &["replay", "--model", "r", "--out", "/dev/full", "--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("/dev/full"),
+        "{out:?}"
+    );
     // A branch can fork at a time too: the same sequence.
     let out = branch(&c, "r", ["--at-time", &t_ms.to_string()], "rb");
     assert!(out.status.success(), "{out:?}");

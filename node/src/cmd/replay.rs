@@ -164,15 +164,21 @@ pub fn run(args: ReplayArgs) -> ExitCode {
                 differing.push(*slot);
             }
             if let Some(w) = out.as_mut() {
-                for v in table.data() {
-                    if w.write_all(&v.to_le_bytes()).is_err() {
-                        eprintln!("tessel replay: write failed");
-                        return ExitCode::FAILURE;
-                    }
+                // A slot's values at a time, as little-endian bytes.
+                let bytes: Vec<u8> = table.data().iter().flat_map(|v| v.to_le_bytes()).collect();
+                if let Err(e) = w.write_all(&bytes) {
+                    eprintln!("tessel replay: writing {}: {e}", args.out.as_deref().unwrap_or(std::path::Path::new("")).display());
+                    return ExitCode::FAILURE;
                 }
             }
             slots_done += 1;
             rows_done += table.rows().end - table.rows().start;
+        }
+        // What the buffer still holds is written here, not when it is dropped (where a failure,
+        // such as a full disk, would go unnoticed and leave a short file behind an exit 0).
+        if let Some(Err(e)) = out.as_mut().map(std::io::Write::flush) {
+            eprintln!("tessel replay: writing {}: {e}", args.out.as_deref().unwrap_or(std::path::Path::new("")).display());
+            return ExitCode::FAILURE;
         }
         let report = json!({"model": args.model, "slots": slots_done, "rows": rows_done, "to_seq": to_seq,
             "verified": args.verify, "differing_slots": differing});
