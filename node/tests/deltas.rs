@@ -665,6 +665,14 @@ async fn after_a_failed_or_dropped_send_the_next_acknowledged_send_is_applied() 
         panic!("nats-server {pid} did not stop");
     }
 
+    /// Kills the (stopped) server, so that what it had not read is gone, starts it again on
+    /// its store, and waits until `w` is served again.
+    async fn revived(c: &mut TestCluster) {
+        c.nats.restart(0).await.unwrap();
+        c.wait_settled_on(&["n1"], Duration::from_secs(60)).await;
+        common::wait_serving(c, "w", 200).await;
+    }
+
     let mut c = TestCluster::start(1, 1).await;
     c.wait_settled_on(&["n1"], SETTLE).await;
     serving(&c, "w").await;
@@ -694,10 +702,7 @@ async fn after_a_failed_or_dropped_send_the_next_acknowledged_send_is_applied() 
     // unread in its socket, so the frame is never stored.
     stopped(c.nats.pid(0).unwrap());
     assert!(producer.send(&[5], &row(10.0)).await.is_err());
-    c.nats.kill(0).await.unwrap();
-    c.nats.restart(0).await.unwrap();
-    c.wait_settled_on(&["n1"], Duration::from_secs(60)).await;
-    common::wait_serving(&c, "w", 200).await;
+    revived(&mut c).await;
 
     // Acknowledged, so applied: 1 + 100, without the 10 the stream never got.
     producer.send(&[5], &row(100.0)).await.unwrap();
@@ -708,10 +713,7 @@ async fn after_a_failed_or_dropped_send_the_next_acknowledged_send_is_applied() 
     let dropped =
         tokio::time::timeout(Duration::from_millis(300), producer.send(&[5], &row(10.0))).await;
     assert!(dropped.is_err(), "the send finished: {dropped:?}");
-    c.nats.kill(0).await.unwrap();
-    c.nats.restart(0).await.unwrap();
-    c.wait_settled_on(&["n1"], Duration::from_secs(60)).await;
-    common::wait_serving(&c, "w", 200).await;
+    revived(&mut c).await;
     producer.send(&[5], &row(1_000.0)).await.unwrap();
     assert_eq!(read(&c).await, vec![row(1_101.0)]);
 }
