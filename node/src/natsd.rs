@@ -37,6 +37,9 @@ pub const DEFAULT_CLUSTER_NAME: &str = "tessel-nats";
 /// How long [`NatsCluster::start`] and [`NatsCluster::restart`] wait for readiness.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// How many sets of free ports [`NatsCluster::start`] tries when a server finds its port taken.
+const START_PORT_ATTEMPTS: u32 = 3;
+
 /// How long [`NatsCluster::restart`] keeps retrying a server that exits at once (for example
 /// because its port is still briefly in use).
 pub const RESTART_RETRY: Duration = Duration::from_secs(10);
@@ -750,9 +753,51 @@ impl NatsCluster {
         let dir = std::path::absolute(&opts.dir)
             .map_err(io_err(format!("cannot resolve {}", opts.dir.display())))?;
         let clustered = opts.servers > 1;
+        let mut attempt = 1;
+        loop {
+            let servers = Self::configure(&opts, &dir, clustered)?;
+            let mut cluster = Self {
+                servers,
+                dir: dir.clone(),
+            };
+            match cluster.start_all(clustered).await {
+                Ok(()) => {
+                    tracing::info!(
+                        servers = cluster.len(),
+                        url = %cluster.url(),
+                        dir = %cluster.dir.display(),
+                        "NATS ready"
+                    );
+                    return Ok(cluster);
+                }
+                Err(e) => {
+                    cluster.kill_all().await;
+                    // Another process took one of the free ports between our probe and the
+                    // server's bind: pick new ones (a cluster's routes name every port, so
+                    // all of them change).
+                    let taken = matches!(&e, NatsdError::Exited { log_tail, .. }
+                        if log_tail.contains("address already in use"));
+                    if !taken || attempt >= START_PORT_ATTEMPTS {
+                        return Err(e);
+                    }
+                    tracing::info!(attempt, error = %e, "a port was taken; starting on new ones");
+                    for server in &cluster.servers {
+                        let _ = std::fs::remove_dir_all(&server.store_dir);
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Picks free ports for every server and writes their configurations under `dir`.
+    fn configure(
+        opts: &NatsOptions,
+        dir: &Path,
+        clustered: bool,
+    ) -> Result<Vec<NatsServer>, NatsdError> {
         let per_server = if clustered { 3 } else { 2 };
         let ports = free_ports(opts.servers * per_server)?;
-
         let mut servers = Vec::with_capacity(opts.servers);
         for (i, p) in ports.chunks(per_server).enumerate() {
             let name = format!("nats-{i}");
@@ -772,7 +817,7 @@ impl NatsCluster {
         }
         let cluster_ports: Vec<u16> = servers.iter().filter_map(|s| s.cluster_port).collect();
         for server in &servers {
-            let home = server.config_path.parent().unwrap_or(&dir);
+            let home = server.config_path.parent().unwrap_or(dir);
             std::fs::create_dir_all(&server.store_dir).map_err(io_err(format!(
                 "cannot create {}",
                 server.store_dir.display()
@@ -782,30 +827,14 @@ impl NatsCluster {
                 .copied()
                 .filter(|p| Some(*p) != server.cluster_port)
                 .collect();
-            let config = render_config(server, &opts, &others)?;
+            let config = render_config(server, opts, &others)?;
             std::fs::write(&server.config_path, config).map_err(io_err(format!(
                 "cannot write {}",
                 server.config_path.display()
             )))?;
             tracing::debug!(server = %server.name, dir = %home.display(), "nats-server configured");
         }
-
-        let mut cluster = Self { servers, dir };
-        match cluster.start_all(clustered).await {
-            Ok(()) => {
-                tracing::info!(
-                    servers = cluster.len(),
-                    url = %cluster.url(),
-                    dir = %cluster.dir.display(),
-                    "NATS ready"
-                );
-                Ok(cluster)
-            }
-            Err(e) => {
-                cluster.kill_all().await;
-                Err(e)
-            }
-        }
+        Ok(servers)
     }
 
     /// Spawns every server, then waits for each.
