@@ -2999,6 +2999,9 @@ async fn ordered_messages(
         .map_err(|e| e.to_string())
 }
 
+/// How many consumers [`seq_at_time`] creates before it gives up.
+const TIME_LOOKUP_ATTEMPTS: u32 = 3;
+
 /// The last sequence of the deltas stream whose server timestamp is at or before `t_ns` (unix
 /// nanoseconds): one less than the first message stored after it, or the last sequence when
 /// none was.
@@ -3010,23 +3013,36 @@ pub async fn seq_at_time(
     let (stream, last) = deltas_stream_at_end(js, cluster).await?;
     let start_time =
         async_nats::datetime::from_nanos(t_ns.saturating_add(1)).map_err(|e| e.to_string())?;
-    let cfg = consumer::pull::OrderedConfig {
-        deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-        ..Default::default()
-    };
-    let mut messages = ordered_messages(&stream, cfg).await?;
-    match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-        Ok(Some(Ok(m))) => {
-            let seq = m
-                .info()
-                .map(|i| i.stream_sequence)
-                .map_err(|e| e.to_string())?;
-            Ok(seq.saturating_sub(1).min(last))
+    // An ordered consumer that is recreated before it delivers anything (a pull that found no
+    // responder yet, in a cluster) starts over from the stream's first message, whatever its
+    // deliver policy: a first message stored before `start_time` came from such a restart, and
+    // the lookup is made again on a new consumer.
+    for _ in 0..TIME_LOOKUP_ATTEMPTS {
+        let cfg = consumer::pull::OrderedConfig {
+            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
+            ..Default::default()
+        };
+        let mut messages = ordered_messages(&stream, cfg).await?;
+        match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                let info = m.info().map_err(|e| e.to_string())?;
+                if info.published < start_time {
+                    warn!(
+                        seq = info.stream_sequence,
+                        "the time lookup's consumer started over from the stream's start; asking again"
+                    );
+                    continue;
+                }
+                return Ok(info.stream_sequence.saturating_sub(1).min(last));
+            }
+            Err(_) => return Ok(last),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("the time lookup consumer ended".into()),
         }
-        Err(_) => Ok(last),
-        Ok(Some(Err(e))) => Err(e.to_string()),
-        Ok(None) => Err("the time lookup consumer ended".into()),
     }
+    Err(format!(
+        "the time lookup's consumer started over from the stream's start {TIME_LOOKUP_ATTEMPTS} times"
+    ))
 }
 
 impl SlotModel {
