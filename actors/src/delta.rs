@@ -24,13 +24,18 @@ pub struct Hlc {
     pub wall_ms: u64,
     /// Orders events within one millisecond.
     pub logical: u32,
-    /// Breaks ties between nodes.
-    pub node: u32,
+    /// Breaks ties between nodes; in a delta frame, the producer, which keys its chain on each
+    /// slot. At most [`MAX_HLC_NODE`] (48 bits: a frame carries no more, and JSON readers
+    /// hold integers exactly up to 2^53).
+    pub node: u64,
 }
+
+/// The largest HLC node a delta frame carries: 48 bits.
+pub const MAX_HLC_NODE: u64 = (1 << 48) - 1;
 
 impl Hlc {
     /// A clock for a node.
-    pub fn new(node: u32) -> Self {
+    pub fn new(node: u64) -> Self {
         Hlc {
             wall_ms: 0,
             logical: 0,

@@ -6,7 +6,7 @@
 //!  0     4     magic            "TSDL"
 //!  4     1     version          1
 //!  5     1     dtype            0 = f32 (1 = f16, 2 = bf16: reserved, refused for now)
-//!  6     2     flags            0
+//!  6     2     hlc.node_hi      bits 32..48 of hlc.node (0 from producers before it)
 //!  8     2     slot             0..1024
 //! 10     1     model_len        1..=64
 //! 11     1     reserved         0
@@ -14,7 +14,7 @@
 //! 16     4     count            rows in the batch, ≤ MAX_ROWS_PER_FRAME
 //! 20     8     hlc.wall_ms
 //! 28     4     hlc.logical
-//! 32     4     hlc.node
+//! 32     4     hlc.node         bits 0..32 (the producer: keys its chain on each slot)
 //! 36     8     parent checksum
 //! 44     8     checksum         over parent, dim, rows and value bits (see delta::checksum)
 //! 52     n     model name       model_len bytes of [A-Za-z0-9_-]
@@ -25,7 +25,7 @@
 //! The frame's length must be exactly the header, the name, the padding, the rows and the
 //! values: anything shorter is truncated, anything longer is refused.
 
-use crate::delta::{DeltaBatch, Hlc, checksum_le};
+use crate::delta::{DeltaBatch, Hlc, MAX_HLC_NODE, checksum_le};
 
 /// The magic bytes.
 pub const MAGIC: &[u8; 4] = b"TSDL";
@@ -177,7 +177,7 @@ impl<'a> Frame<'a> {
             ts: Hlc {
                 wall_ms: u64_at(b, 20),
                 logical: u32_at(b, 28),
-                node: u32_at(b, 32),
+                node: u64::from(u32_at(b, 32)) | u64::from(u16_at(b, 6)) << 32,
             },
             parent: u64_at(b, 36),
             checksum: u64_at(b, 44),
@@ -251,10 +251,16 @@ pub fn encode(model: &str, slot: u16, batch: &DeltaBatch) -> Result<Vec<u8>, Fra
     }
     let rows_at = (HEADER_LEN + name.len()).div_ceil(4) * 4;
     let mut b = Vec::with_capacity(rows_at + batch.rows.len() * 4 + batch.values.len() * 4);
+    if batch.ts.node > MAX_HLC_NODE {
+        return Err(FrameError::Field(format!(
+            "hlc node {} above 2^48",
+            batch.ts.node
+        )));
+    }
     b.extend_from_slice(MAGIC);
     b.push(VERSION);
     b.push(0);
-    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&((batch.ts.node >> 32) as u16).to_le_bytes());
     b.extend_from_slice(&slot.to_le_bytes());
     b.push(name.len() as u8);
     b.push(0);
@@ -262,7 +268,7 @@ pub fn encode(model: &str, slot: u16, batch: &DeltaBatch) -> Result<Vec<u8>, Fra
     b.extend_from_slice(&count.to_le_bytes());
     b.extend_from_slice(&batch.ts.wall_ms.to_le_bytes());
     b.extend_from_slice(&batch.ts.logical.to_le_bytes());
-    b.extend_from_slice(&batch.ts.node.to_le_bytes());
+    b.extend_from_slice(&(batch.ts.node as u32).to_le_bytes());
     b.extend_from_slice(&batch.parent.to_le_bytes());
     b.extend_from_slice(&batch.checksum.to_le_bytes());
     b.extend_from_slice(name);
@@ -325,6 +331,25 @@ mod tests {
         let last = tampered.len() - 1;
         tampered[last] ^= 1;
         assert!(!Frame::decode(&tampered).unwrap().verify());
+    }
+
+    #[test]
+    fn the_producer_takes_48_bits_and_older_readers_see_its_low_32() {
+        let mut b = batch(vec![1], 2);
+        b.ts.node = 0x1234_89ab_cdef;
+        let bytes = encode("m", 0, &b).unwrap();
+        assert_eq!(Frame::decode(&bytes).unwrap().ts.node, 0x1234_89ab_cdef);
+        // The low 32 bits where version 1 always had the node, the high 16 in the two bytes
+        // that were flags (0), which no reader checked.
+        assert_eq!(bytes[32..36], 0x89ab_cdefu32.to_le_bytes());
+        assert_eq!(bytes[6..8], 0x1234u16.to_le_bytes());
+        // A frame from an earlier producer (zeros there) reads as the same 32-bit producer.
+        let mut older = bytes.clone();
+        older[6..8].copy_from_slice(&[0, 0]);
+        assert_eq!(Frame::decode(&older).unwrap().ts.node, 0x89ab_cdef);
+        // More than a frame holds is refused, not cut.
+        b.ts.node = MAX_HLC_NODE + 1;
+        assert!(matches!(encode("m", 0, &b), Err(FrameError::Field(_))));
     }
 
     proptest! {

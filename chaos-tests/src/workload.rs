@@ -183,7 +183,7 @@ async fn produce(
         MODEL_ROWS,
         1,
         OPS_ROWS as usize,
-        1_000_000 + p,
+        1_000_000 + u64::from(p),
     );
     while !stop.load(Ordering::Relaxed) {
         let id = next_op.fetch_add(1, Ordering::Relaxed);

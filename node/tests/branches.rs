@@ -105,7 +105,7 @@ async fn last_seq(c: &TestCluster) -> u64 {
     s.info().await.unwrap().state.last_sequence
 }
 
-fn producer(c: &TestCluster, model: &str, node: u32) -> Producer {
+fn producer(c: &TestCluster, model: &str, node: u64) -> Producer {
     let js = async_nats::jetstream::new(c.client.clone());
     Producer::new(js, "tessel", model, ROWS, DIM, 8, node)
 }

@@ -158,7 +158,16 @@ async fn invalid_deltas_go_to_the_dlq_and_leave_the_table_alone() {
     }
     // A good delta after the bad ones still applies.
     producer.send(&[10], &[5.0, 5.0]).await.unwrap();
-    let expect: HashMap<u32, f32> = [(10, 6.0), (11, 2.0)].into();
+    // Two producers whose ids share their low 32 bits (all that frames carried once), taking
+    // turns on one slot: each keeps a chain of its own, and none of their frames is refused.
+    let mut twins =
+        [7, 7 | 1 << 40].map(|id| Producer::new(js.clone(), "tessel", "d", ROWS, DIM, 8, id));
+    for _ in 0..2 {
+        for p in &mut twins {
+            p.send(&[11], &[1.0, 1.0]).await.unwrap();
+        }
+    }
+    let expect: HashMap<u32, f32> = [(10, 6.0), (11, 6.0)].into();
     common::wait_equal(&c, "d", ROWS, &expect).await;
     // The DLQ holds exactly the invalid frames, each with a reason.
     let stream = js.get_stream("tessel-deltas").await.unwrap();

@@ -303,10 +303,7 @@ pub fn summary(r: &MergeReport) -> String {
                 .as_u64()
                 .and_then(|x| u32::try_from(x).ok())
                 .unwrap_or(0),
-            node: v["node"]
-                .as_u64()
-                .and_then(|x| u32::try_from(x).ok())
-                .unwrap_or(0),
+            node: v["node"].as_u64().unwrap_or(0),
         })
     };
     for c in conflicts.iter().take(MAX_CONFLICTS_PRINTED) {
