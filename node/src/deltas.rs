@@ -416,11 +416,7 @@ impl Producer {
         chains: &mut HashMap<u16, u64>,
     ) -> Result<Sent, ProduceError> {
         let d = self.dim as usize;
-        let per_frame = max_frame_rows(
-            self.js.client().server_info().max_payload,
-            &self.model,
-            self.dim,
-        );
+        let per_frame = max_frame_rows(self.js.client().max_payload(), &self.model, self.dim);
         let now = crate::store::wall_ms();
         let mut acks = FuturesUnordered::new();
         let mut sent = Sent::default();
@@ -1440,7 +1436,7 @@ impl SlotModel {
             }),
             Ok((ReadAsk::Rows(rows), _)) => {
                 let dim = table.dim().max(1);
-                let max_rows = max_answer_rows(self.client.server_info().max_payload, dim);
+                let max_rows = max_answer_rows(self.client.max_payload(), dim);
                 if rows.len() > max_rows {
                     Metrics::inc(&self.metrics.reads_refused_total);
                     json!({"error": {"kind": "too_large", "max_rows": max_rows, "message": format!(

@@ -256,33 +256,61 @@ fn run_tools_script(script: &Path) -> Result<PathBuf, NatsdError> {
     }
 }
 
-/// A free TCP port on 127.0.0.1: binds port 0, reads the port, and drops the listener.
+/// Ports this process handed out lately, newest last (at most [`RECENT_PORTS`]).
+static RECENT: std::sync::Mutex<std::collections::VecDeque<u16>> =
+    std::sync::Mutex::new(std::collections::VecDeque::new());
+/// How many handed-out ports are remembered.
+const RECENT_PORTS: usize = 1_024;
+/// How many ports the kernel is asked for before giving up on one not handed out lately.
+const PORT_TRIES: usize = 64;
+
+/// A listener on a free port of 127.0.0.1 that this process has not handed out lately, and
+/// the port, now remembered. Once a caller drops its listener the port is free again, and the
+/// kernel may offer it to the next caller before the first one's server has bound it: two
+/// nodes of one local cluster were once given the same HTTP port, and one could not start.
+fn fresh_listener() -> Result<(TcpListener, u16), NatsdError> {
+    // Ports refused here stay bound until the end, so that the kernel offers others.
+    let mut refused = Vec::new();
+    for _ in 0..PORT_TRIES {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(io_err("cannot bind a free port on 127.0.0.1"))?;
+        let port = listener
+            .local_addr()
+            .map_err(io_err("cannot read a bound port"))?
+            .port();
+        let mut recent = RECENT.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.contains(&port) {
+            refused.push(listener);
+            continue;
+        }
+        if recent.len() >= RECENT_PORTS {
+            recent.pop_front();
+        }
+        recent.push_back(port);
+        return Ok((listener, port));
+    }
+    Err(NatsdError::Io {
+        context: format!("no free port on 127.0.0.1 outside the {RECENT_PORTS} handed out lately"),
+        source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    })
+}
+
+/// A free TCP port on 127.0.0.1: binds port 0, reads the port, and drops the listener. It is
+/// never one this process handed out lately.
 ///
 /// Another process may take the port before it is used; callers that start servers on it
 /// should treat "address in use" as retryable.
 pub fn free_port() -> Result<u16, NatsdError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(io_err("cannot bind a free port on 127.0.0.1"))?;
-    let port = listener
-        .local_addr()
-        .map_err(io_err("cannot read a bound port"))?
-        .port();
-    Ok(port)
+    fresh_listener().map(|(_, port)| port)
 }
 
-/// `n` distinct free ports on 127.0.0.1, all bound at once so that none repeats.
+/// `n` distinct free ports on 127.0.0.1, none handed out lately by this process.
 fn free_ports(n: usize) -> Result<Vec<u16>, NatsdError> {
     let mut listeners = Vec::with_capacity(n);
     let mut ports = Vec::with_capacity(n);
     for _ in 0..n {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .map_err(io_err("cannot bind a free port on 127.0.0.1"))?;
-        ports.push(
-            listener
-                .local_addr()
-                .map_err(io_err("cannot read a bound port"))?
-                .port(),
-        );
+        let (listener, port) = fresh_listener()?;
+        ports.push(port);
         listeners.push(listener);
     }
     drop(listeners);
@@ -973,6 +1001,20 @@ impl Drop for NatsCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each call drops its listener, so the kernel may offer the same port again; among 900
+    /// draws from its ~28,000 ephemeral ports it nearly always would (the chance of no repeat
+    /// is about 10⁻⁶). The ports handed out are remembered and never repeat.
+    #[test]
+    fn free_ports_handed_out_do_not_repeat() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..900 {
+            let port = free_port().unwrap();
+            assert!(seen.insert(port), "port {port} handed out twice");
+        }
+        let more = free_ports(3).unwrap();
+        assert!(more.iter().all(|p| seen.insert(*p)), "{more:?}");
+    }
 
     #[test]
     fn conf_strings_are_escaped() {
