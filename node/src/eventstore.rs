@@ -67,12 +67,11 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::ordered::Anchored;
 use actors::es::{
     ActorKey, ENVELOPE_VERSION, EventStore, NewEvent, Snapshot, StoreError, StoredEvent,
     validate_append,
 };
-use async_nats::jetstream::consumer::DeliverPolicy;
-use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use async_nats::jetstream::context::{
     CreateKeyValueErrorKind, CreateStreamErrorKind, PublishError, PublishErrorKind,
 };
@@ -516,7 +515,7 @@ impl JetStreamEventStore {
 }
 
 struct ReadState {
-    messages: Ordered,
+    messages: Anchored,
     last_sequence: u64,
     from_version: u64,
 }
@@ -656,26 +655,13 @@ impl EventStore for JetStreamEventStore {
         if last_sequence <= after_sequence {
             return Ok(futures::stream::empty().boxed());
         }
-        let deliver_policy = if after_sequence > 0 {
-            DeliverPolicy::ByStartSequence {
-                start_sequence: after_sequence + 1,
-            }
-        } else {
-            DeliverPolicy::All
-        };
-        let consumer = self
-            .stream
-            .create_consumer(OrderedConfig {
-                filter_subject: self.subject(actor),
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| classify(&format!("read {actor}"), &e))?;
-        let messages = consumer
-            .messages()
-            .await
-            .map_err(|e| classify(&format!("read {actor}"), &e))?;
+        let messages = Anchored::open(
+            self.stream.clone(),
+            vec![self.subject(actor)],
+            after_sequence,
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("read {actor}: {e}")))?;
         let state = ReadState {
             messages,
             last_sequence,

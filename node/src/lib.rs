@@ -20,6 +20,7 @@ pub mod idle_trim;
 pub mod localcluster;
 pub mod metrics;
 pub mod natsd;
+pub mod ordered;
 pub mod procs;
 pub mod progress;
 pub mod records;
