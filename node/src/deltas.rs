@@ -19,10 +19,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::ordered::{Anchored, ordered_messages};
+use crate::ordered::Anchored;
 use actors::delta::{DeltaBatch, Hlc, MAX_HLC_NODE, slot_of_row, slot_rows};
 use actors::frame::{self, Frame};
-use async_nats::jetstream::{self, consumer, object_store, stream};
+use async_nats::jetstream::{self, object_store, stream};
 use bytes::Bytes;
 use cluster::Slot;
 use futures::StreamExt;
@@ -2965,9 +2965,6 @@ async fn deltas_stream_at_end(
     Ok((stream, last))
 }
 
-/// How many consumers [`seq_at_time`] creates before it gives up.
-const TIME_LOOKUP_ATTEMPTS: u32 = 3;
-
 /// The last sequence of the deltas stream whose server timestamp is at or before `t_ns` (unix
 /// nanoseconds): one less than the first message stored after it, or the last sequence when
 /// none was.
@@ -2979,36 +2976,7 @@ pub async fn seq_at_time(
     let (stream, last) = deltas_stream_at_end(js, cluster).await?;
     let start_time =
         async_nats::datetime::from_nanos(t_ns.saturating_add(1)).map_err(|e| e.to_string())?;
-    // An ordered consumer that is recreated before it delivers anything (a pull that found no
-    // responder yet, in a cluster) starts over from the stream's first message, whatever its
-    // deliver policy: a first message stored before `start_time` came from such a restart, and
-    // the lookup is made again on a new consumer.
-    for _ in 0..TIME_LOOKUP_ATTEMPTS {
-        let cfg = consumer::pull::OrderedConfig {
-            deliver_policy: consumer::DeliverPolicy::ByStartTime { start_time },
-            ..Default::default()
-        };
-        let mut messages = ordered_messages(&stream, cfg).await?;
-        match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
-            Ok(Some(Ok(m))) => {
-                let info = m.info().map_err(|e| e.to_string())?;
-                if info.published < start_time {
-                    warn!(
-                        seq = info.stream_sequence,
-                        "the time lookup's consumer started over from the stream's start; asking again"
-                    );
-                    continue;
-                }
-                return Ok(info.stream_sequence.saturating_sub(1).min(last));
-            }
-            Err(_) => return Ok(last),
-            Ok(Some(Err(e))) => return Err(e.to_string()),
-            Ok(None) => return Err("the time lookup consumer ended".into()),
-        }
-    }
-    Err(format!(
-        "the time lookup's consumer started over from the stream's start {TIME_LOOKUP_ATTEMPTS} times"
-    ))
+    crate::ordered::last_seq_before(&stream, last, start_time).await
 }
 
 impl SlotModel {

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use tracing::warn;
 
 /// A consumer's start: the first sequence after `start` (everything for 0).
-pub fn deliver_after(start: u64) -> consumer::DeliverPolicy {
+fn deliver_after(start: u64) -> consumer::DeliverPolicy {
     if start > 0 {
         consumer::DeliverPolicy::ByStartSequence {
             start_sequence: start + 1,
@@ -104,7 +104,7 @@ impl Anchored {
 }
 
 /// The messages of a new ordered consumer on `stream`.
-pub async fn ordered_messages(
+async fn ordered_messages(
     stream: &jetstream::stream::Stream,
     cfg: consumer::pull::OrderedConfig,
 ) -> Result<consumer::pull::Ordered, String> {
@@ -117,6 +117,64 @@ pub async fn ordered_messages(
         .map_err(|e| e.to_string())
 }
 
+/// How many consumers [`last_seq_before`] creates before it gives up.
+const TIME_LOOKUP_ATTEMPTS: u32 = 3;
+
+/// The last sequence of `stream`, at most `last`, stored before `start_time`: one less than the
+/// first message stored at or after it, or `last` when none comes within 2 s.
+pub async fn last_seq_before(
+    stream: &jetstream::stream::Stream,
+    last: u64,
+    start_time: async_nats::datetime::DateTime,
+) -> Result<u64, String> {
+    lookup_from(
+        stream,
+        last,
+        start_time,
+        consumer::DeliverPolicy::ByStartTime { start_time },
+    )
+    .await
+}
+
+/// [`last_seq_before`] whose first consumer starts as `first` says (a test stands in a
+/// restarted one with it). A first message stored before `start_time` came from a consumer
+/// that started over from the stream's start, and the lookup is made again on a new one.
+async fn lookup_from(
+    stream: &jetstream::stream::Stream,
+    last: u64,
+    start_time: async_nats::datetime::DateTime,
+    first: consumer::DeliverPolicy,
+) -> Result<u64, String> {
+    let mut deliver_policy = first;
+    for _ in 0..TIME_LOOKUP_ATTEMPTS {
+        let cfg = consumer::pull::OrderedConfig {
+            deliver_policy,
+            ..Default::default()
+        };
+        deliver_policy = consumer::DeliverPolicy::ByStartTime { start_time };
+        let mut messages = ordered_messages(stream, cfg).await?;
+        match tokio::time::timeout(std::time::Duration::from_secs(2), messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                let info = m.info().map_err(|e| e.to_string())?;
+                if info.published < start_time {
+                    warn!(
+                        seq = info.stream_sequence,
+                        "the time lookup's consumer started over from the stream's start; asking again"
+                    );
+                    continue;
+                }
+                return Ok(info.stream_sequence.saturating_sub(1).min(last));
+            }
+            Err(_) => return Ok(last),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("the time lookup consumer ended".into()),
+        }
+    }
+    Err(format!(
+        "the time lookup's consumer started over from the stream's start {TIME_LOOKUP_ATTEMPTS} times"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,9 +185,10 @@ mod tests {
     }
 
     /// A consumer that starts over from the stream's first message, as a restarted ordered
-    /// consumer does, is replaced by one that starts after the anchor.
+    /// consumer does, is replaced: by one that starts after the anchor, and in a time lookup
+    /// by one that starts at the time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_anchored_reader_replaces_a_consumer_that_started_over() {
+    async fn readers_replace_a_consumer_that_started_over() {
         let dir = tempfile::tempdir().unwrap();
         let binary = crate::natsd::find_nats_server(false).expect("nats-server (scripts/tools.sh)");
         let mut nats = crate::natsd::NatsCluster::start(crate::natsd::NatsOptions::new(
@@ -176,6 +235,14 @@ mod tests {
             .unwrap();
         assert_eq!((next_seq(&mut a).await, a.attempts), (6, 2));
         assert_eq!(next_seq(&mut a).await, 7);
+        // The time of message 6: the last sequence before it is 5, asked as such or through a
+        // first consumer that delivers from the start (which would have answered 0).
+        let t6 = stream.get_raw_message(6).await.unwrap().time;
+        assert_eq!(last_seq_before(&stream, 10, t6).await, Ok(5));
+        assert_eq!(
+            lookup_from(&stream, 10, t6, consumer::DeliverPolicy::All).await,
+            Ok(5)
+        );
         nats.stop().await.unwrap();
     }
 }
