@@ -705,7 +705,7 @@ impl Chains {
     /// checksum}` (taken at sequence 0: the first forgotten). More than the bound keeps the
     /// newest. `None` when malformed.
     pub fn from_json(v: &Value) -> Option<Chains> {
-        let mut chains = Chains::new();
+        let mut all = Vec::new();
         for (id, entry) in v.as_object()? {
             let id: u64 = id.parse().ok()?;
             let (checksum, seq) = match entry {
@@ -715,12 +715,15 @@ impl Chains {
                 },
                 other => (other.as_u64()?, 0),
             };
-            chains.0.insert(id, (checksum, seq));
+            all.push((id, (checksum, seq)));
         }
-        while chains.0.len() > MAX_CHAINS_PER_SLOT {
-            chains.forget_oldest();
+        // The newest by (sequence, id), as forgetting the oldest one at a time would keep, in
+        // one sort however many a checkpoint holds.
+        if all.len() > MAX_CHAINS_PER_SLOT {
+            all.sort_unstable_by_key(|&(id, (_, seq))| std::cmp::Reverse((seq, id)));
+            all.truncate(MAX_CHAINS_PER_SLOT);
         }
-        Some(chains)
+        Some(Chains(all.into_iter().collect()))
     }
 }
 

@@ -101,7 +101,7 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         };
         let mut out = match &args.out {
             Some(p) => match std::fs::File::create(p) {
-                Ok(f) => Some(std::io::BufWriter::new(f)),
+                Ok(f) => Some((p, std::io::BufWriter::new(f))),
                 Err(e) => {
                     eprintln!("tessel replay: {}: {e}", p.display());
                     return ExitCode::FAILURE;
@@ -163,11 +163,11 @@ pub fn run(args: ReplayArgs) -> ExitCode {
             {
                 differing.push(*slot);
             }
-            if let Some(w) = out.as_mut() {
+            if let Some((path, w)) = out.as_mut() {
                 // A slot's values at a time, as little-endian bytes.
                 let bytes: Vec<u8> = table.data().iter().flat_map(|v| v.to_le_bytes()).collect();
                 if let Err(e) = w.write_all(&bytes) {
-                    eprintln!("tessel replay: writing {}: {e}", args.out.as_deref().unwrap_or(std::path::Path::new("")).display());
+                    eprintln!("tessel replay: writing {}: {e}", path.display());
                     return ExitCode::FAILURE;
                 }
             }
@@ -176,8 +176,10 @@ pub fn run(args: ReplayArgs) -> ExitCode {
         }
         // What the buffer still holds is written here, not when it is dropped (where a failure,
         // such as a full disk, would go unnoticed and leave a short file behind an exit 0).
-        if let Some(Err(e)) = out.as_mut().map(std::io::Write::flush) {
-            eprintln!("tessel replay: writing {}: {e}", args.out.as_deref().unwrap_or(std::path::Path::new("")).display());
+        if let Some((path, w)) = out.as_mut()
+            && let Err(e) = w.flush()
+        {
+            eprintln!("tessel replay: writing {}: {e}", path.display());
             return ExitCode::FAILURE;
         }
         let report = json!({"model": args.model, "slots": slots_done, "rows": rows_done, "to_seq": to_seq,
