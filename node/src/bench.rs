@@ -654,6 +654,8 @@ pub async fn serve_model(
 struct CpuSeconds {
     wall: f64,
     bench: f64,
+    /// This process's minor page faults (`getrusage`): fresh memory a phase touched.
+    faults: i64,
     server: f64,
     node: Option<f64>,
 }
@@ -664,14 +666,16 @@ impl CpuSeconds {
     fn now(server: Option<u32>, node: Option<u32>) -> Self {
         use nix::sys::resource::{UsageWho, getrusage};
         let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-        let bench = getrusage(UsageWho::RUSAGE_SELF)
-            .map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()));
+        let usage = getrusage(UsageWho::RUSAGE_SELF).ok();
+        let bench = usage.map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()));
+        let faults = usage.map_or(0, |u| i64::from(u.minor_page_faults()));
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         Self {
             wall,
             bench,
+            faults,
             server: server.and_then(proc_cpu_seconds).unwrap_or(0.0),
             node: node.map(|pid| proc_cpu_seconds(pid).unwrap_or(0.0)),
         }
@@ -684,6 +688,7 @@ impl std::ops::Sub for CpuSeconds {
         Self {
             wall: self.wall - rhs.wall,
             bench: self.bench - rhs.bench,
+            faults: self.faults - rhs.faults,
             server: self.server - rhs.server,
             node: self.node.zip(rhs.node).map(|(a, b)| a - b),
         }
@@ -694,8 +699,8 @@ impl std::fmt::Display for CpuSeconds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:.3} s: cpu {:.3} s here, {:.2} s server",
-            self.wall, self.bench, self.server
+            "{:.3} s: cpu {:.3} s here ({} page faults), {:.2} s server",
+            self.wall, self.bench, self.faults, self.server
         )?;
         if let Some(node) = self.node {
             write!(f, ", {node:.2} s node")?;

@@ -211,6 +211,13 @@ fn headers_len(headers: &HeaderMap) -> usize {
 fn decode(payload: &[u8], sequence: u64) -> Result<StoredEvent, StoreError> {
     let mut event: StoredEvent = serde_json::from_slice(payload)
         .map_err(|e| StoreError::Corrupt(format!("event at sequence {sequence}: {e}")))?;
+    // A future envelope may mean something else by the same fields: never read it as this one.
+    if event.v != ENVELOPE_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "event at sequence {sequence}: unsupported envelope version {}",
+            event.v
+        )));
+    }
     event.sequence = sequence;
     Ok(event)
 }
@@ -701,5 +708,33 @@ impl EventStore for JetStreamEventStore {
         serde_json::from_slice(&value)
             .map(Some)
             .map_err(|e| StoreError::Corrupt(format!("snapshot of {actor}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_of_another_envelope_version_is_refused() {
+        let event = |v: u32| {
+            format!(
+                r#"{{"v":{v},"id":"e1","actor":"counter/a","version":1,"type":"Added","schema":1,"timestamp_ms":5,"data":{{"n":1}}}}"#
+            )
+        };
+        let read = decode(event(1).as_bytes(), 42).unwrap();
+        assert_eq!((read.version, read.sequence), (1, 42));
+        for v in [0, 2] {
+            match decode(event(v).as_bytes(), 42) {
+                Err(StoreError::Corrupt(why)) => {
+                    assert!(why.contains(&format!("envelope version {v}")), "{why}")
+                }
+                other => panic!("version {v}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            decode(br#"{"v":1}"#, 1),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }
