@@ -655,7 +655,7 @@ struct CpuSeconds {
     wall: f64,
     bench: f64,
     /// This process's minor page faults (`getrusage`): fresh memory a phase touched.
-    faults: i64,
+    faults: std::ffi::c_long,
     server: f64,
     node: Option<f64>,
 }
@@ -668,7 +668,7 @@ impl CpuSeconds {
         let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
         let usage = getrusage(UsageWho::RUSAGE_SELF).ok();
         let bench = usage.map_or(0.0, |u| secs(u.user_time()) + secs(u.system_time()));
-        let faults = usage.map_or(0, |u| i64::from(u.minor_page_faults()));
+        let faults = usage.map_or(0, |u| u.minor_page_faults());
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
