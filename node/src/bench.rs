@@ -1327,16 +1327,20 @@ async fn replay_figures(
         let raw_cpu = CpuSeconds::now(server, None) - before;
         let before = CpuSeconds::now(server, None);
         let t0 = Instant::now();
+        // The reader's wait for the workers, and when the last message was routed: what
+        // follows is the workers' tail.
+        let (mut waited, mut routed) = (Duration::ZERO, t0);
         let tables = crate::deltas::replay_model(
             &template,
             &line,
             None,
             &|_| u64::MAX,
             crate::deltas::replay_workers(),
-            &mut |_| {},
+            &mut |p| (waited, routed) = (p.waited, Instant::now()),
         )
         .await
         .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
+        let tail = routed.elapsed();
         let tessel_rate = raw_rows as f64 / t0.elapsed().as_secs_f64();
         anyhow::ensure!(
             tables.len() == 1024,
@@ -1346,7 +1350,9 @@ async fn replay_figures(
         let tessel_cpu = CpuSeconds::now(server, None) - before;
         drop(tables);
         eprintln!(
-            "bench: deltas replay of {model}, round {round}: tessel {tessel_rate:.0} rows/s ({tessel_cpu}), raw {raw_rate:.0} rows/s ({raw_cpu})"
+            "bench: deltas replay of {model}, round {round}: tessel {tessel_rate:.0} rows/s ({tessel_cpu}; the reader waited {:.1} ms for the workers, who finished {:.1} ms after it), raw {raw_rate:.0} rows/s ({raw_cpu})",
+            waited.as_secs_f64() * 1e3,
+            tail.as_secs_f64() * 1e3,
         );
         tessel.push(tessel_rate);
         raw.push(raw_rate);

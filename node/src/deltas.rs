@@ -117,9 +117,23 @@ pub fn checkpoints_bucket(cluster: &str) -> String {
 /// Checkpoints a starting group reads at a time.
 const RESTORE_CONCURRENCY: usize = 16;
 
-/// Frames a pass over the stream reads ahead of the frame being applied (about 16 KiB each in
-/// the usual workload, so about 64 MiB at most).
-const SCAN_READ_AHEAD_FRAMES: usize = 4_096;
+/// Payload bytes one unit of a pass's queue stands for: a frame costs a unit per started
+/// 64 KiB ([`queue_cost`]), so the usual frame of about 16 KiB costs one.
+const QUEUE_UNIT_BYTES: usize = 64 << 10;
+
+/// Units a pass holds read and not yet applied: its read-ahead, or a replay's workers' queues
+/// together. 4,096 frames of the usual size, and at most 256 MiB of payload whatever the
+/// frames' size (a frame may be as large as the server's `max_payload`; counted in frames
+/// alone, 4,096 frames of 8 MiB would have been 32 GiB).
+const PASS_QUEUE_UNITS: usize = 4_096;
+
+/// What a frame of `len` payload bytes costs in a pass's queue: one unit per started
+/// [`QUEUE_UNIT_BYTES`], at least one (a small frame may keep a whole read buffer alive), at
+/// most the whole queue (so that any frame fits).
+fn queue_cost(len: usize) -> u32 {
+    let units = len.div_ceil(QUEUE_UNIT_BYTES).clamp(1, PASS_QUEUE_UNITS);
+    u32::try_from(units).unwrap_or(u32::MAX)
+}
 
 /// Frames a pass takes from its reader at a time (progress is reported once per chunk, or per
 /// as many frames).
@@ -131,15 +145,14 @@ const SCAN_IDLE: Duration = Duration::from_secs(2);
 /// At most this many worker threads share a replay's pass (one per core, at least two).
 const MAX_REPLAY_WORKERS: usize = 8;
 
-/// Frames a replay's router gathers for one worker before handing them over (waking a worker
-/// for every few frames cost the router more than its routing).
+/// Queue units ([`queue_cost`]; as many frames of the usual size) a replay's router gathers
+/// for one worker before handing them over (waking a worker for every few frames cost the
+/// router more than its routing).
 const REPLAY_BATCH_FRAMES: usize = 64;
 
-/// Frames handed to a replay's workers and not yet applied, all workers together.
-const REPLAY_QUEUED_FRAMES: usize = 4_096;
-
-// A batch handed over always fits in the queue.
-const _: () = assert!(REPLAY_BATCH_FRAMES <= REPLAY_QUEUED_FRAMES);
+// A batch handed over always fits in the queue: under REPLAY_BATCH_FRAMES units before its
+// last frame, and that frame's cost is clamped to the queue, so acquires are clamped too.
+const _: () = assert!(REPLAY_BATCH_FRAMES <= PASS_QUEUE_UNITS);
 
 /// The header with a refused frame's reason.
 pub const DLQ_REASON_HEADER: &str = "Tessel-Dlq-Reason";
@@ -2322,6 +2335,10 @@ pub struct ScanProgress<'a> {
     /// Whether the pass reads to the stream's last sequence (then `messages + pending` is the
     /// pass's total).
     pub to_end: bool,
+    /// How long a replay's reader has waited so far for its workers to take frames (their
+    /// shared queue was full): where a replay is slower than its read, this says whether the
+    /// workers or the read held it up. Zero for other passes.
+    pub waited: Duration,
 }
 
 /// What a pass over the stream does with each valid frame: slot, stream sequence, the frame,
@@ -2444,12 +2461,15 @@ impl Pass {
         Some(Ok((seq, pending, msg)))
     }
 
-    /// The rest of the pass read on a task of its own into a bounded channel
-    /// ([`SCAN_READ_AHEAD_FRAMES`]), so that the consumer's pulls keep flowing while the
-    /// caller works on each message. The task ends with the pass, or when the receiver is
-    /// dropped.
-    fn read_ahead(mut self) -> tokio::sync::mpsc::Receiver<PassItem> {
-        let (tx, rx) = tokio::sync::mpsc::channel(SCAN_READ_AHEAD_FRAMES);
+    /// The rest of the pass read on a task of its own, at most [`PASS_QUEUE_UNITS`] ahead
+    /// (each message holds its [`queue_cost`] until the caller drops it), so that the
+    /// consumer's pulls keep flowing while the caller works on each message. The task ends
+    /// with the pass, or when the receiver is dropped.
+    fn read_ahead(
+        mut self,
+    ) -> tokio::sync::mpsc::Receiver<(PassItem, tokio::sync::OwnedSemaphorePermit)> {
+        let (tx, rx) = tokio::sync::mpsc::channel(PASS_QUEUE_UNITS);
+        let budget = Arc::new(tokio::sync::Semaphore::new(PASS_QUEUE_UNITS));
         tokio::spawn(async move {
             loop {
                 let item = tokio::select! {
@@ -2457,7 +2477,13 @@ impl Pass {
                     item = self.next() => item,
                 };
                 let Some(item) = item else { break };
-                if tx.send(item).await.is_err() {
+                let cost = item
+                    .as_ref()
+                    .map_or(1, |(_, _, m)| queue_cost(m.payload.len()));
+                let Ok(held) = budget.clone().acquire_many_owned(cost).await else {
+                    break;
+                };
+                if tx.send((item, held)).await.is_err() {
                     break;
                 }
             }
@@ -2503,7 +2529,7 @@ async fn scan(
     let (mut rows, mut values) = (Vec::new(), Vec::new());
     let mut chunk = Vec::with_capacity(SCAN_CHUNK_FRAMES);
     while rx.recv_many(&mut chunk, SCAN_CHUNK_FRAMES).await > 0 {
-        for item in chunk.drain(..) {
+        for (item, _held) in chunk.drain(..) {
             let (seq, pending, msg) = item?;
             at.seq = seq;
             at.pending = pending;
@@ -2683,7 +2709,7 @@ async fn replay_pass(
     let stop = Arc::new(AtomicBool::new(false));
     // The workers' queues are bounded together: a worker busy making a zero table may fall
     // behind for a while without holding up the others.
-    let queued = Arc::new(tokio::sync::Semaphore::new(REPLAY_QUEUED_FRAMES));
+    let queued = Arc::new(tokio::sync::Semaphore::new(PASS_QUEUE_UNITS));
     let (rows, dim) = (template.rows, template.dim as usize);
     let mut senders = Vec::with_capacity(workers);
     let mut handles = Vec::with_capacity(workers);
@@ -2706,7 +2732,7 @@ async fn replay_pass(
             return Ok(());
         };
         let mut at = pass.progress(model);
-        let mut batches: Vec<ReplayBatch> = vec![Vec::new(); workers];
+        let mut batches: Vec<(ReplayBatch, u32)> = vec![(Vec::new(), 0); workers];
         while let Some(item) = pass.next().await {
             let (seq, pending, msg) = item?;
             at.seq = seq;
@@ -2722,15 +2748,19 @@ async fn replay_pass(
             let Some(w) = owner.get(usize::from(k)).copied().flatten() else {
                 continue;
             };
-            if let (Some(batch), Some(tx)) = (batches.get_mut(w), senders.get(w)) {
+            if let (Some((batch, cost)), Some(tx)) = (batches.get_mut(w), senders.get(w)) {
+                // Every frame costs at least a unit, so a batch is at most REPLAY_BATCH_FRAMES.
+                *cost = cost.saturating_add(queue_cost(msg.message.payload.len()));
                 batch.push((k, seq, msg.message.payload));
-                if batch.len() >= REPLAY_BATCH_FRAMES && !hand_over(&queued, tx, batch).await {
+                if *cost as usize >= REPLAY_BATCH_FRAMES
+                    && !hand_over(&queued, tx, batch, cost, &mut at.waited).await
+                {
                     return Ok(());
                 }
             }
         }
-        for (batch, tx) in batches.iter_mut().zip(&senders) {
-            if !batch.is_empty() && !hand_over(&queued, tx, batch).await {
+        for ((batch, cost), tx) in batches.iter_mut().zip(&senders) {
+            if !batch.is_empty() && !hand_over(&queued, tx, batch, cost, &mut at.waited).await {
                 return Ok(());
             }
         }
@@ -2762,17 +2792,40 @@ async fn replay_pass(
 /// A replay's batch of messages for one worker: slot, stream sequence, payload.
 type ReplayBatch = Vec<(u16, u64, Bytes)>;
 
-/// Hands a replay worker its batch once the shared queue has room; false when a worker has
-/// failed (the queue is closed, or the send refused), and its result says why.
+/// The queue units a replay batch holds: its frames' [`queue_cost`], clamped to the queue.
+fn batch_cost(batch: &ReplayBatch) -> u32 {
+    batch
+        .iter()
+        .fold(0u32, |n, (_, _, p)| n.saturating_add(queue_cost(p.len())))
+        .min(queue_cost(usize::MAX))
+}
+
+/// Hands a replay worker its batch, of `cost` queue units ([`queue_cost`]), once the shared
+/// queue has room for it, adding the time that took to `waited`; false when a worker has
+/// failed (the queue is closed, or the send refused), and its result says why. The worker
+/// gives the batch's [`batch_cost`] back once it has applied it.
 async fn hand_over(
     queued: &tokio::sync::Semaphore,
     tx: &tokio::sync::mpsc::UnboundedSender<ReplayBatch>,
     batch: &mut ReplayBatch,
+    cost: &mut u32,
+    waited: &mut Duration,
 ) -> bool {
-    let n = u32::try_from(batch.len()).unwrap_or(u32::MAX);
-    match queued.acquire_many(n).await {
+    use tokio::sync::TryAcquireError;
+    let n = std::mem::take(cost).min(queue_cost(usize::MAX));
+    debug_assert_eq!(n, batch_cost(batch));
+    match queued.try_acquire_many(n) {
         Ok(permits) => permits.forget(),
-        Err(_) => return false,
+        Err(TryAcquireError::Closed) => return false,
+        Err(TryAcquireError::NoPermits) => {
+            let since = Instant::now();
+            let permits = queued.acquire_many(n).await;
+            *waited += since.elapsed();
+            match permits {
+                Ok(permits) => permits.forget(),
+                Err(_) => return false,
+            }
+        }
     }
     tx.send(std::mem::take(batch)).is_ok()
 }
@@ -2812,7 +2865,7 @@ fn replay_worker(
                 }
             }
         };
-        let n = batch.len();
+        let n = batch_cost(&batch) as usize;
         for (k, seq, payload) in batch {
             if shard.get(&k).is_some_and(|(_, t)| t.is_none()) {
                 make_tables(&mut shard, &mut unmade, Some(k), rows, dim)?;
@@ -3016,6 +3069,32 @@ impl SlotModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pass's queue is bounded in bytes as well as frames: the usual 16 KiB frame costs one
+    /// unit (4,096 of them fit, as before), a large frame its size in 64 KiB units, and no
+    /// frame or batch costs more than the whole queue (it could never be admitted).
+    #[test]
+    fn a_pass_queue_counts_large_frames_by_their_size() {
+        assert_eq!(queue_cost(0), 1);
+        assert_eq!(queue_cost(300), 1);
+        assert_eq!(queue_cost(16_448), 1);
+        assert_eq!(queue_cost(64 << 10), 1);
+        assert_eq!(queue_cost((64 << 10) + 1), 2);
+        assert_eq!(queue_cost(8 << 20), 128);
+        assert_eq!(queue_cost(usize::MAX) as usize, PASS_QUEUE_UNITS);
+        // What the queue can hold, in payload bytes, whatever the frames' size.
+        for len in [1, 16_448, 1 << 20, 8 << 20, 64 << 20] {
+            let frames = PASS_QUEUE_UNITS / queue_cost(len) as usize;
+            assert!(frames * len <= PASS_QUEUE_UNITS * QUEUE_UNIT_BYTES, "{len}");
+        }
+        let big = Bytes::from(vec![0u8; 8 << 20]);
+        let batch: ReplayBatch = (0..40).map(|i| (0, i, big.clone())).collect();
+        assert_eq!(batch_cost(&batch) as usize, PASS_QUEUE_UNITS);
+        let usual: ReplayBatch = (0..64)
+            .map(|i| (0, i, Bytes::from(vec![0u8; 16_448])))
+            .collect();
+        assert_eq!(batch_cost(&usual), 64);
+    }
 
     #[test]
     fn chains_are_bounded_forgetting_the_oldest_and_survive_a_checkpoint() {

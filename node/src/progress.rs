@@ -173,6 +173,7 @@ mod tests {
             rows: 1_000,
             pending: 60,
             to_end: true,
+            waited: Duration::ZERO,
         };
         let l = line(&p, Duration::from_secs(2));
         assert!(l.contains(" 50%"), "{l}");
