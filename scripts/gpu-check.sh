@@ -3,7 +3,8 @@
 # about 80 s on an H200, printing everything:
 #   1. the gpu unit tests and the CUDA-against-CPU tests
 #   2. `tessel devices --json` and `tessel devices`
-#   3. `tessel bench gpu` (the table kernels against memcpy)
+#   3. the first touch of fresh memory, twice (scripts/first-touch.py), then `tessel bench gpu`
+#      (the table kernels against memcpy)
 #   4. `tessel bench --only deltas` twice: tables on the GPU, then on the CPU
 #      (`CUDA_VISIBLE_DEVICES=`), same machine, same binary
 # Binaries: from .gpu-pack/ when it holds them (made by scripts/gpu-pack.sh on any machine;
@@ -57,6 +58,14 @@ run timeout 120 "${vs[@]}" --nocapture --test-threads 1
 step "tessel devices"
 run "$tessel" devices --json
 run "$tessel" devices
+
+step "first touch of fresh memory (a fresh VM backs guest pages on first use; see docs/benchmarks.md)"
+if command -v python3 >/dev/null; then
+    run timeout 60 python3 scripts/first-touch.py 2
+    run timeout 60 python3 scripts/first-touch.py 2
+else
+    echo "no python3 here: skipped"
+fi
 
 step "tessel bench gpu"
 run timeout 150 "$tessel" bench gpu $quick --json "$out/gpu.json"
