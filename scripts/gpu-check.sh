@@ -6,7 +6,8 @@
 #   3. the first touch of fresh memory, twice (scripts/first-touch.py), then `tessel bench gpu`
 #      (the table kernels against memcpy)
 #   4. `tessel bench --only deltas` twice: tables on the GPU, then on the CPU
-#      (`CUDA_VISIBLE_DEVICES=`), same machine, same binary
+#      (`CUDA_VISIBLE_DEVICES=`), same machine, same binary; on more than 10 cores a third
+#      time, on the CPU with `--replay-workers` (cores − 2)
 # Binaries: from .gpu-pack/ when it holds them (made by scripts/gpu-pack.sh on any machine;
 # GPU machines here have no Rust toolchain and no network), else built here with cargo.
 # With $OUT set, the JSON of each benchmark and the whole log are written there.
@@ -77,6 +78,15 @@ run timeout 180 "$tessel" bench --only deltas $quick --json "$out/deltas-gpu.jso
 rm -rf "$work/.tessel"
 step "tessel bench --only deltas, tables on the CPU (CUDA_VISIBLE_DEVICES=)"
 CUDA_VISIBLE_DEVICES= run timeout 180 "$tessel" bench --only deltas $quick --json "$out/deltas-cpu.json"
+# On many cores: the replay again with more threads making its zero tables (the default is 8
+# at most); the lines "the reader waited … for the workers" of both runs say whether it helps.
+more=$(( $(nproc) - 2 ))
+if [ "$more" -gt 8 ]; then
+    rm -rf "$work/.tessel"
+    step "tessel bench --only deltas, tables on the CPU, --replay-workers $more"
+    CUDA_VISIBLE_DEVICES= run timeout 180 "$tessel" bench --only deltas $quick \
+        --replay-workers "$more" --json "$out/deltas-cpu-workers-$more.json"
+fi
 cd "$root" && rm -rf "$work"
 
 step "done (failed: $failed)"

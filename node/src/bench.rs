@@ -744,11 +744,13 @@ impl XorShift {
 /// The delta pipeline's figures against raw JetStream in the same run, on one nats-server and
 /// one node (dim 64, f32): end-to-end applied rows/s against a raw publish plus ordered consume
 /// of the same frames; publish → applied latency at half that rate; replay against a raw
-/// ordered consumer of the same stream; the node's resident memory per table byte.
+/// ordered consumer of the same stream; the node's resident memory per table byte. The replay
+/// runs on `replay_workers` threads (by default [`crate::deltas::replay_workers`]).
 pub async fn deltas(
     bin: &std::path::Path,
     dir: &std::path::Path,
     quick: bool,
+    replay_workers: Option<usize>,
 ) -> anyhow::Result<Vec<BenchResult>> {
     // No checkpoints during the run, so that the replay figure replays the whole stream.
     let env = vec![
@@ -757,12 +759,17 @@ pub async fn deltas(
         ("TESSEL_CHECKPOINT_EVERY_FRAMES".into(), "100000000".into()),
     ];
     let mut c = LocalCluster::start(dir, bin, 1, 1, env).await?;
-    let result = delta_figures(&c, quick).await;
+    let workers = replay_workers.unwrap_or_else(crate::deltas::replay_workers);
+    let result = delta_figures(&c, quick, workers).await;
     c.shutdown().await;
     result
 }
 
-async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<BenchResult>> {
+async fn delta_figures(
+    c: &LocalCluster,
+    quick: bool,
+    workers: usize,
+) -> anyhow::Result<Vec<BenchResult>> {
     use crate::deltas::{Producer, applied_subject};
     use async_nats::jetstream;
     use futures::StreamExt;
@@ -1089,7 +1096,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
 
     // Replay: the whole model rebuilt offline (no checkpoints exist: the bench node's interval
     // is longer than the run), against a raw ordered consumer of the same messages.
-    let (tessel_rate, raw_rate) = replay_figures(c, &js, MODEL, rows, DIM).await?;
+    let (tessel_rate, raw_rate) = replay_figures(c, &js, MODEL, rows, DIM, workers).await?;
     if quick {
         out.push(BenchResult::new(
             "delta replay (rows rebuilt/s)",
@@ -1141,7 +1148,7 @@ async fn delta_figures(c: &LocalCluster, quick: bool) -> anyhow::Result<Vec<Benc
         long.send(&batch, &values[..batch.len() * DIM as usize])
             .await?;
     }
-    let (tessel_rate, raw_rate) = replay_figures(c, &js, LONG, long_rows, DIM).await?;
+    let (tessel_rate, raw_rate) = replay_figures(c, &js, LONG, long_rows, DIM, workers).await?;
     out.push(BenchResult::new(
         "delta replay, 64 MiB table (rows rebuilt/s)",
         tessel_rate,
@@ -1292,13 +1299,15 @@ async fn traced<T>(
 
 /// Replays `model` (`rows × dim`, one generation, no checkpoints) offline from the deltas
 /// stream, each time just after a raw ordered consumer has read the same messages, for
-/// [`REPLAY_ROUNDS`] rounds: the median (tessel, raw) rows/s. Every round is printed.
+/// [`REPLAY_ROUNDS`] rounds, on `workers` threads: the median (tessel, raw) rows/s. Every
+/// round is printed.
 async fn replay_figures(
     c: &LocalCluster,
     js: &async_nats::jetstream::Context,
     model: &str,
     rows: u64,
     dim: u32,
+    workers: usize,
 ) -> anyhow::Result<(f64, f64)> {
     let checkpoints = crate::deltas::ensure(js, "tessel", 1).await?;
     let template = crate::deltas::SlotModel {
@@ -1330,16 +1339,12 @@ async fn replay_figures(
         // The reader's wait for the workers, and when the last message was routed: what
         // follows is the workers' tail.
         let (mut waited, mut routed) = (Duration::ZERO, t0);
-        let tables = crate::deltas::replay_model(
-            &template,
-            &line,
-            None,
-            &|_| u64::MAX,
-            crate::deltas::replay_workers(),
-            &mut |p| (waited, routed) = (p.waited, Instant::now()),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
+        let tables =
+            crate::deltas::replay_model(&template, &line, None, &|_| u64::MAX, workers, &mut |p| {
+                (waited, routed) = (p.waited, Instant::now())
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("replay: {e}"))?;
         let tail = routed.elapsed();
         let tessel_rate = raw_rows as f64 / t0.elapsed().as_secs_f64();
         anyhow::ensure!(
@@ -1350,7 +1355,7 @@ async fn replay_figures(
         let tessel_cpu = CpuSeconds::now(server, None) - before;
         drop(tables);
         eprintln!(
-            "bench: deltas replay of {model}, round {round}: tessel {tessel_rate:.0} rows/s ({tessel_cpu}; the reader waited {:.1} ms for the workers, who finished {:.1} ms after it), raw {raw_rate:.0} rows/s ({raw_cpu})",
+            "bench: deltas replay of {model}, round {round}: tessel {tessel_rate:.0} rows/s on {workers} workers ({tessel_cpu}; the reader waited {:.1} ms for the workers, who finished {:.1} ms after it), raw {raw_rate:.0} rows/s ({raw_cpu})",
             waited.as_secs_f64() * 1e3,
             tail.as_secs_f64() * 1e3,
         );

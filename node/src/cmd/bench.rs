@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// The same as `--only GROUP`: `tessel bench gpu`.
     #[arg(value_parser = GROUPS)]
     group: Option<String>,
+    /// Worker threads of the delta replay figures (default: one per core, 2 to 8, as
+    /// `tessel replay`).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+    replay_workers: Option<u64>,
     /// Where the temporary cluster keeps its data and logs.
     #[arg(long, default_value = ".tessel/bench")]
     dir: PathBuf,
@@ -90,7 +94,8 @@ pub fn run(args: BenchArgs) -> ExitCode {
         }
         if wants("deltas") {
             step("deltas: end to end, latency, replay, memory");
-            results.extend(bench::deltas(&bin, &dir.join("deltas"), args.quick).await?);
+            let workers = args.replay_workers.map(|w| w as usize);
+            results.extend(bench::deltas(&bin, &dir.join("deltas"), args.quick, workers).await?);
         }
         if only.is_none() {
             step("gpu: table kernels against memcpy");
