@@ -2792,7 +2792,8 @@ async fn replay_pass(
 /// A replay's batch of messages for one worker: slot, stream sequence, payload.
 type ReplayBatch = Vec<(u16, u64, Bytes)>;
 
-/// The queue units a replay batch holds: its frames' [`queue_cost`], clamped to the queue.
+/// The queue units a replay batch holds: its frames' [`queue_cost`], clamped to the queue
+/// (what the router counts as it fills the batch).
 fn batch_cost(batch: &ReplayBatch) -> u32 {
     batch
         .iter()
@@ -2800,34 +2801,27 @@ fn batch_cost(batch: &ReplayBatch) -> u32 {
         .min(queue_cost(usize::MAX))
 }
 
-/// Hands a replay worker its batch, of `cost` queue units ([`queue_cost`]), once the shared
-/// queue has room for it, adding the time that took to `waited`; false when a worker has
-/// failed (the queue is closed, or the send refused), and its result says why. The worker
-/// gives the batch's [`batch_cost`] back once it has applied it.
+/// Hands a replay worker its batch, of `cost` queue units ([`queue_cost`]), with those units
+/// once the shared queue has room for them (the worker gives them back once it has applied
+/// the batch), adding the time that took to `waited`; false when a worker has failed (the
+/// queue is closed, or the send refused), and its result says why.
 async fn hand_over(
     queued: &tokio::sync::Semaphore,
-    tx: &tokio::sync::mpsc::UnboundedSender<ReplayBatch>,
+    tx: &tokio::sync::mpsc::UnboundedSender<(ReplayBatch, u32)>,
     batch: &mut ReplayBatch,
     cost: &mut u32,
     waited: &mut Duration,
 ) -> bool {
-    use tokio::sync::TryAcquireError;
     let n = std::mem::take(cost).min(queue_cost(usize::MAX));
     debug_assert_eq!(n, batch_cost(batch));
-    match queued.try_acquire_many(n) {
+    let since = Instant::now();
+    let permits = queued.acquire_many(n).await;
+    *waited += since.elapsed();
+    match permits {
         Ok(permits) => permits.forget(),
-        Err(TryAcquireError::Closed) => return false,
-        Err(TryAcquireError::NoPermits) => {
-            let since = Instant::now();
-            let permits = queued.acquire_many(n).await;
-            *waited += since.elapsed();
-            match permits {
-                Ok(permits) => permits.forget(),
-                Err(_) => return false,
-            }
-        }
+        Err(_) => return false,
     }
-    tx.send(std::mem::take(batch)).is_ok()
+    tx.send((std::mem::take(batch), n)).is_ok()
 }
 
 /// A replay worker (see [`replay_pass`]): applies the batches routed to its `shard` until the
@@ -2835,7 +2829,7 @@ async fn hand_over(
 /// slots' states, each with its table.
 fn replay_worker(
     mut shard: BTreeMap<u16, ReplaySlot>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<ReplayBatch>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(ReplayBatch, u32)>,
     rows: u64,
     dim: usize,
     applied: &std::sync::atomic::AtomicU64,
@@ -2865,7 +2859,7 @@ fn replay_worker(
                 }
             }
         };
-        let n = batch_cost(&batch) as usize;
+        let (batch, n) = batch;
         for (k, seq, payload) in batch {
             if shard.get(&k).is_some_and(|(_, t)| t.is_none()) {
                 make_tables(&mut shard, &mut unmade, Some(k), rows, dim)?;
@@ -2884,7 +2878,7 @@ fn replay_worker(
             }
             .map_err(|e| e.to_string())?;
         }
-        queued.add_permits(n);
+        queued.add_permits(n as usize);
     }
     if stop.load(Ordering::Relaxed) {
         return Err("the replay stopped".into());
