@@ -914,10 +914,13 @@ pub(crate) fn bench(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, 
 }
 
 /// Small windows as a node applies them: slot-sized tables (1,024 rows × 64), one batch of 64
-/// rows per `apply_many` (copy up, scatter-add, synchronise), on one thread and then on every
-/// core, each thread with its own tables. Reports the per-apply latency and the windows/s.
+/// rows per `apply_many` (copy up, scatter-add, synchronise): on one thread over 16 tables, on
+/// one thread over 1,024 tables (as many as a node holds for a model it owns whole, each with
+/// its own streams: whether an apply's cost grows with the tables on the device), and on every
+/// core, each thread with 16 tables of its own. Reports the per-apply latency and the
+/// windows/s.
 fn small_windows(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, Error> {
-    let (tables_per_thread, rows, dim, batch) = (16u64, 1024u64, 64usize, 64usize);
+    let (rows, dim, batch) = (1024u64, 64usize, 64usize);
     let applies = if cfg.quick { 500 } else { 4000 };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let config = TableConfig {
@@ -926,7 +929,7 @@ fn small_windows(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, Err
     };
     let values: Vec<f32> = (0..batch * dim).map(|i| (i % 5) as f32 * 1e-3).collect();
     let mut out = Vec::new();
-    for threads in [1, cores] {
+    for (threads, tables_per_thread) in [(1, 16u64), (1, 1024), (cores, 16)] {
         let mut tables = Vec::new();
         for k in 0..tables_per_thread * threads as u64 {
             tables.push(CudaTable::create(
@@ -973,7 +976,10 @@ fn small_windows(device: &Device, cfg: BenchConfig) -> Result<Vec<BenchRow>, Err
         }
         lat.sort_by(f64::total_cmp);
         let pct = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
-        let what = format!("cuda apply of a 64-row window, {threads} thread(s)");
+        let what = format!(
+            "cuda apply of a 64-row window, {threads} thread(s) over {} tables",
+            tables_per_thread * threads as u64
+        );
         out.push(BenchRow::new(&format!("{what}, p50"), pct(0.5), "µs", None));
         out.push(BenchRow::new(
             &format!("{what}, p99"),
