@@ -350,31 +350,41 @@ mod tests {
         m.info().unwrap().stream_sequence
     }
 
+    /// A lone nats-server, a stream on it, and the server's directory (dropped after it).
+    async fn lone_stream(
+        cfg: jetstream::stream::Config,
+    ) -> (
+        crate::natsd::NatsCluster,
+        jetstream::Context,
+        jetstream::stream::Stream,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let binary = crate::natsd::find_nats_server(false).expect("nats-server (scripts/tools.sh)");
+        let nats = crate::natsd::NatsCluster::start(crate::natsd::NatsOptions::new(
+            dir.path().join("nats"),
+            binary,
+        ))
+        .await
+        .unwrap();
+        let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let stream = js.create_stream(cfg).await.unwrap();
+        (nats, js, stream, dir)
+    }
+
     /// A reader of 40 messages of 256 KiB on a stream whose messages are at most 1 MiB asks
     /// the server for about 1 MiB at a time, not for all 40 (async-nats' ordered consumer
     /// asks for 500 messages, whatever their size); and when its consumer is deleted under it,
     /// it goes on with a new one after the last message it handed out, none lost or repeated.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reader_pulls_a_bounded_number_of_bytes_and_survives_its_consumers_deletion() {
-        let dir = tempfile::tempdir().unwrap();
-        let binary = crate::natsd::find_nats_server(false).expect("nats-server (scripts/tools.sh)");
-        let mut nats = crate::natsd::NatsCluster::start(crate::natsd::NatsOptions::new(
-            dir.path().join("nats"),
-            binary,
-        ))
-        .await
-        .unwrap();
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = jetstream::new(client);
-        let stream = js
-            .create_stream(jetstream::stream::Config {
-                name: "bounded".into(),
-                subjects: vec!["b.>".into()],
-                max_message_size: 1 << 20,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (mut nats, js, stream, _dir) = lone_stream(jetstream::stream::Config {
+            name: "bounded".into(),
+            subjects: vec!["b.>".into()],
+            max_message_size: 1 << 20,
+            ..Default::default()
+        })
+        .await;
         assert_eq!(
             read_ahead_bytes(&stream),
             (1 << 20) + READ_AHEAD_SLACK_BYTES
@@ -422,24 +432,12 @@ mod tests {
     /// by one that starts at the time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn readers_replace_a_consumer_that_started_over() {
-        let dir = tempfile::tempdir().unwrap();
-        let binary = crate::natsd::find_nats_server(false).expect("nats-server (scripts/tools.sh)");
-        let mut nats = crate::natsd::NatsCluster::start(crate::natsd::NatsOptions::new(
-            dir.path().join("nats"),
-            binary,
-        ))
-        .await
-        .unwrap();
-        let client = async_nats::connect(nats.url()).await.unwrap();
-        let js = jetstream::new(client);
-        let stream = js
-            .create_stream(jetstream::stream::Config {
-                name: "anchored".into(),
-                subjects: vec!["a.>".into()],
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        let (mut nats, js, stream, _dir) = lone_stream(jetstream::stream::Config {
+            name: "anchored".into(),
+            subjects: vec!["a.>".into()],
+            ..Default::default()
+        })
+        .await;
         for n in 1..=10u8 {
             js.publish(format!("a.{}", n % 2), vec![n].into())
                 .await
