@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// A consumer's start: the first sequence after `start` (everything for 0).
 fn deliver_after(start: u64) -> consumer::DeliverPolicy {
@@ -156,7 +156,7 @@ impl Anchored {
                             self.missed_heartbeat = true;
                         }
                         K::MissingHeartbeat | K::ConsumerDeleted | K::NoResponders => {
-                            debug!(error = %e, consumer = %self.consumer, "ordered reader: a new consumer");
+                            info!(error = %e, consumer = %self.consumer, last = ?self.last, "ordered reader: its consumer is gone; making a new one after the last message read");
                             self.renew(Renew::Lost);
                         }
                         _ => return Some(Err(e.to_string())),
@@ -170,10 +170,11 @@ impl Anchored {
                 Err(e) => return Some(Err(e.to_string())),
             };
             if consumer_seq != self.consumer_seq + 1 {
-                debug!(
+                info!(
                     expected = self.consumer_seq + 1,
                     got = consumer_seq,
-                    "ordered reader: a message skipped; a new consumer after the last"
+                    consumer = %self.consumer,
+                    "ordered reader: its consumer skipped a message; making a new one after the last message read"
                 );
                 self.renew(Renew::Lost);
                 continue;
