@@ -380,6 +380,84 @@ impl DeltaBatch {
     }
 }
 
+/// The rows of a change that [`capture`] keeps, ready for `Producer::send` (row ids in the
+/// whole table, the differences row-major), and what it left out.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Captured {
+    /// The rows whose change is significant.
+    pub rows: Vec<u32>,
+    /// Their differences `new − old`, `rows.len() × dim`, row-major.
+    pub values: Vec<f32>,
+    /// Rows that changed, but by an L2 norm at or below the threshold: left out.
+    pub below_threshold: usize,
+    /// The L2 norm of the kept differences, all rows together.
+    pub l2: f64,
+}
+
+/// Captures the change from `old` to `new`, two row-major copies of the rows `first_row ..` of a
+/// `dim`-column table (the first step of the delta pipeline: observe old and new, extract the
+/// sparse difference). A row is kept when its difference `new − old` has an L2 norm above
+/// `min_l2`; with 0, every row that changed at all. Applied to `old`, the kept differences give
+/// `new` up to one rounding per value (exactly where the two are within a factor of two of each
+/// other); left-out rows stay as they were.
+///
+/// Refused, with nothing captured: a zero `dim`, sides of different lengths or not a whole
+/// number of rows, rows past `u32::MAX`, a negative or non-finite threshold, and a value that
+/// is not finite on either side or whose difference overflows (`DeltaError::NotFinite` with its
+/// index).
+pub fn capture(
+    first_row: u32,
+    dim: u32,
+    old: &[f32],
+    new: &[f32],
+    min_l2: f32,
+) -> Result<Captured, DeltaError> {
+    let d = dim as usize;
+    if d == 0 || old.len() != new.len() || !old.len().is_multiple_of(d) {
+        return Err(DeltaError::Shape(format!(
+            "old has {} values and new {}, which must be the same whole number of rows of dim {dim}",
+            old.len(),
+            new.len()
+        )));
+    }
+    let n = old.len() / d;
+    if u64::from(first_row) + n as u64 > u64::from(u32::MAX) + 1 {
+        return Err(DeltaError::Shape(format!(
+            "{n} rows from row {first_row} pass the largest row id"
+        )));
+    }
+    if !(min_l2.is_finite() && min_l2 >= 0.0) {
+        return Err(DeltaError::Shape(format!(
+            "the threshold {min_l2} is not a finite number ≥ 0"
+        )));
+    }
+    let mut out = Captured::default();
+    let mut diff = vec![0.0f32; d];
+    let mut sum = 0.0f64;
+    for (i, (o, w)) in old.chunks_exact(d).zip(new.chunks_exact(d)).enumerate() {
+        let mut sq = 0.0f64;
+        for (k, ((x, y), out)) in o.iter().zip(w).zip(diff.iter_mut()).enumerate() {
+            *out = y - x;
+            if !out.is_finite() {
+                return Err(DeltaError::NotFinite { index: i * d + k });
+            }
+            sq += f64::from(*out) * f64::from(*out);
+        }
+        if sq == 0.0 {
+            continue;
+        }
+        if sq.sqrt() > f64::from(min_l2) {
+            out.rows.push(first_row + i as u32);
+            out.values.extend_from_slice(&diff);
+            sum += sq;
+        } else {
+            out.below_threshold += 1;
+        }
+    }
+    out.l2 = sum.sqrt();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
 
@@ -498,6 +576,108 @@ mod tests {
         assert!(DeltaBatch::new(0, vec![], vec![], Hlc::default(), 0).is_err());
     }
 
+    proptest! {
+        #[test]
+        fn a_capture_applied_to_old_gives_new(
+            dim in 1u32..9,
+            seed in any::<u64>(),
+            rows in 0usize..40,
+            min_l2 in prop_oneof![Just(0.0f32), 0.0f32..2.0],
+        ) {
+            // old and new share some rows exactly, differ slightly in others and a lot in the
+            // rest; the kept differences, added to old, give new up to one rounding per value,
+            // and every row left out changed by at most the threshold.
+            let d = dim as usize;
+            let mut x = seed | 1;
+            let mut next = || { x ^= x << 13; x ^= x >> 7; x ^= x << 17; x };
+            let old: Vec<f32> = (0..rows * d).map(|_| (next() % 2001) as f32 / 100.0 - 10.0).collect();
+            let mut new = old.clone();
+            for r in 0..rows {
+                let kind = next() % 3;
+                for v in &mut new[r * d..(r + 1) * d] {
+                    match kind {
+                        0 => {}
+                        1 => *v += (next() % 11) as f32 / 1000.0,
+                        _ => *v = (next() % 4001) as f32 / 10.0 - 200.0,
+                    }
+                }
+            }
+            let c = capture(7, dim, &old, &new, min_l2).unwrap();
+            prop_assert_eq!(c.values.len(), c.rows.len() * d);
+            let mut applied = old.clone();
+            for (i, &r) in c.rows.iter().enumerate() {
+                let at = (r - 7) as usize * d;
+                for (a, v) in applied[at..at + d].iter_mut().zip(&c.values[i * d..(i + 1) * d]) {
+                    *a += *v;
+                }
+            }
+            let mut left_out_changed = 0;
+            for r in 0..rows {
+                let (a, o, w) = (&applied[r * d..(r + 1) * d], &old[r * d..(r + 1) * d], &new[r * d..(r + 1) * d]);
+                if c.rows.contains(&(7 + r as u32)) {
+                    // fl(x + fl(w − x)) − w = w·δ₂ + (w − x)·δ₁·(1 + δ₂), |δ| ≤ ε/2.
+                    for ((&a, &x), &w) in a.iter().zip(o).zip(w) {
+                        prop_assert!((a - w).abs() <= f32::EPSILON * (w.abs() + x.abs()),
+                            "row {}: {} for {}", r, a, w);
+                    }
+                } else {
+                    prop_assert_eq!(a, o);
+                    let l2 = o.iter().zip(w).map(|(x, y)| f64::from(y - x).powi(2)).sum::<f64>().sqrt();
+                    prop_assert!(l2 <= f64::from(min_l2), "row {} left out with a change of {}", r, l2);
+                    if l2 > 0.0 { left_out_changed += 1; }
+                }
+            }
+            prop_assert_eq!(c.below_threshold, left_out_changed);
+        }
+    }
+
+    #[test]
+    fn a_capture_refuses_bad_shapes_thresholds_and_values() {
+        let two = [1.0f32, 2.0];
+        assert!(matches!(
+            capture(0, 0, &two, &two, 0.0),
+            Err(DeltaError::Shape(_))
+        ));
+        assert!(matches!(
+            capture(0, 2, &two, &two[..1], 0.0),
+            Err(DeltaError::Shape(_))
+        ));
+        assert!(matches!(
+            capture(0, 3, &two, &two, 0.0),
+            Err(DeltaError::Shape(_))
+        ));
+        assert!(matches!(
+            capture(u32::MAX, 1, &two, &two, 0.0),
+            Err(DeltaError::Shape(_))
+        ));
+        assert_eq!(
+            capture(u32::MAX, 2, &two, &two, 0.0).map(|c| c.rows.len()),
+            Ok(0)
+        );
+        for t in [-1.0, f32::NAN, f32::INFINITY] {
+            assert!(matches!(
+                capture(0, 2, &two, &two, t),
+                Err(DeltaError::Shape(_))
+            ));
+        }
+        assert_eq!(
+            capture(0, 2, &two, &[1.0, f32::NAN], 0.0),
+            Err(DeltaError::NotFinite { index: 1 })
+        );
+        // A difference that overflows f32 is refused, not sent as an infinity.
+        assert_eq!(
+            capture(0, 1, &[-3e38], &[3e38], 0.0),
+            Err(DeltaError::NotFinite { index: 0 })
+        );
+        // Identical sides capture nothing; a change at or below the threshold is counted.
+        let c = capture(10, 2, &[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 3.0, 4.5], 0.5).unwrap();
+        assert_eq!((c.rows.len(), c.below_threshold, c.l2), (0, 1, 0.0));
+        let c = capture(10, 2, &[1.0, 2.0, 3.0, 4.0], &[1.0, 2.0, 3.0, 4.5], 0.25).unwrap();
+        assert_eq!(
+            (c.rows, c.values, c.below_threshold, c.l2),
+            (vec![11], vec![0.0, 0.5], 0, 0.5)
+        );
+    }
     proptest! {
         #[test]
         fn slots_partition_the_rows(rows in 1u64..5_000_000, probe in any::<u64>()) {

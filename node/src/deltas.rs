@@ -382,6 +382,27 @@ impl Producer {
         self.send_traced(rows, values, None).await
     }
 
+    /// Sends the change from `old` to `new`, two row-major copies of the rows `first_row ..`:
+    /// the rows whose difference has an L2 norm above `min_l2` (0: every row that changed), as
+    /// [`actors::delta::capture`] finds them, and nothing when none did. Returns what was
+    /// acknowledged and what was captured (the rows left out below the threshold among it).
+    pub async fn send_change(
+        &mut self,
+        first_row: u32,
+        old: &[f32],
+        new: &[f32],
+        min_l2: f32,
+    ) -> Result<(Sent, actors::delta::Captured), ProduceError> {
+        let captured = actors::delta::capture(first_row, self.dim, old, new, min_l2)
+            .map_err(|e| ProduceError::BadBatch(e.to_string()))?;
+        let sent = if captured.rows.is_empty() {
+            Sent::default()
+        } else {
+            self.send(&captured.rows, &captured.values).await?
+        };
+        Ok((sent, captured))
+    }
+
     /// [`Producer::send`], with every frame carrying `trace` in [`TRACE_HEADER`] so that its
     /// owner announces it on [`applied_subject`] once applied.
     pub async fn send_traced(

@@ -508,6 +508,35 @@ async fn a_fresh_read_sees_every_acknowledged_write() {
     assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["rows"][1]["values"], json!([expect[3], expect[3]]), "{v}");
+    // A captured change: of rows 699–701 (699 and 701 never written), 700 moves by 1 in its
+    // first column and 701 by 0.001, under the threshold of 0.01: only 700 is sent.
+    let e = expect[1];
+    let old = [0.0, 0.0, e, e, 0.0, 0.0];
+    let new = [0.0, 0.0, e + 1.0, e, 0.0, 0.001];
+    let (sent, captured) = producer.send_change(699, &old, &new, 0.01).await.unwrap();
+    assert_eq!((sent.rows, captured.rows.clone()), (1, vec![700]));
+    assert_eq!(captured.below_threshold, 1);
+    let got = tessel_node::deltas::get_rows(
+        &c.client,
+        "tessel",
+        "r",
+        ROWS,
+        &[699, 700, 701],
+        Freshness::Fresh,
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, vec![vec![0.0, 0.0], vec![e + 1.0, e], vec![0.0, 0.0]]);
+    // Nothing changed: nothing sent. Sides of different lengths: refused before any send.
+    let (sent, _) = producer.send_change(699, &new, &new, 0.0).await.unwrap();
+    assert_eq!(sent.rows, 0);
+    assert!(
+        producer
+            .send_change(699, &old, &new[..4], 0.0)
+            .await
+            .is_err()
+    );
 }
 
 /// A read's request body is checked whole, an answer too large for one message is split by
