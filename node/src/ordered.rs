@@ -66,15 +66,6 @@ pub fn read_ahead_bytes(stream: &jetstream::stream::Stream) -> usize {
     largest.saturating_add(READ_AHEAD_SLACK_BYTES)
 }
 
-/// Why a consumer's messages were given up for a new consumer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Renew {
-    /// A message skipped, a second missed heartbeat, the consumer deleted, no responders.
-    Lost,
-    /// Its first message at or below the start.
-    StartedOver,
-}
-
 /// An ordered reader of `filter_subjects` on a stream after sequence `after`, held to that
 /// start, with a read-ahead bounded in bytes (see the module). Readers skip what is at or
 /// below their position, so a consumer that started over applies nothing twice, but a slot, a
@@ -157,7 +148,7 @@ impl Anchored {
                         }
                         K::MissingHeartbeat | K::ConsumerDeleted | K::NoResponders => {
                             info!(error = %e, consumer = %self.consumer, last = ?self.last, "ordered reader: its consumer is gone; making a new one after the last message read");
-                            self.renew(Renew::Lost);
+                            self.renew();
                         }
                         _ => return Some(Err(e.to_string())),
                     }
@@ -176,7 +167,7 @@ impl Anchored {
                     consumer = %self.consumer,
                     "ordered reader: its consumer skipped a message; making a new one after the last message read"
                 );
-                self.renew(Renew::Lost);
+                self.renew();
                 continue;
             }
             self.consumer_seq = consumer_seq;
@@ -186,7 +177,8 @@ impl Anchored {
                     after = self.after,
                     "an ordered consumer started over from the stream's start; recreating it"
                 );
-                self.renew(Renew::StartedOver);
+                self.attempts += 1;
+                self.renew();
                 continue;
             }
             self.last = Some(seq);
@@ -196,10 +188,7 @@ impl Anchored {
 
     /// Drops the current consumer's messages (its consumer is deleted in the background; the
     /// server would remove it after 30 s idle anyway); the next read makes a new one.
-    fn renew(&mut self, why: Renew) {
-        if why == Renew::StartedOver {
-            self.attempts += 1;
-        }
+    fn renew(&mut self) {
         self.messages = None;
         let (stream, name) = (self.stream.clone(), std::mem::take(&mut self.consumer));
         if !name.is_empty() {
@@ -269,21 +258,6 @@ async fn pull_messages(
     Ok((name, messages))
 }
 
-/// The messages of a new async-nats ordered consumer on `stream` (the time lookup reads one
-/// message of it).
-async fn ordered_messages(
-    stream: &jetstream::stream::Stream,
-    cfg: consumer::pull::OrderedConfig,
-) -> Result<consumer::pull::Ordered, String> {
-    stream
-        .create_consumer(cfg)
-        .await
-        .map_err(|e| e.to_string())?
-        .messages()
-        .await
-        .map_err(|e| e.to_string())
-}
-
 /// How many consumers [`last_seq_before`] creates before it gives up.
 const TIME_LOOKUP_ATTEMPTS: u32 = 3;
 
@@ -319,7 +293,7 @@ async fn lookup_from(
             ..Default::default()
         };
         deliver_policy = consumer::DeliverPolicy::ByStartTime { start_time };
-        let mut messages = ordered_messages(stream, cfg).await?;
+        let (_, mut messages) = pull_messages(stream, cfg, read_ahead_bytes(stream)).await?;
         match tokio::time::timeout(std::time::Duration::from_secs(2), messages.next()).await {
             Ok(Some(Ok(m))) => {
                 let info = m.info().map_err(|e| e.to_string())?;
